@@ -1,0 +1,42 @@
+# The two commands a newcomer needs are `make demo` and `make test`; the rest are their parts.
+SHELL := /bin/bash
+CARGO ?= cargo
+# Integration tests share one broker; a few at a time keeps 2 cores responsive.
+TEST_THREADS ?= 4
+
+.PHONY: help demo test stack-up stack-down stack-status build lint fmt clippy unit bench clean-stack
+
+help:
+	@echo "make demo        run the pipeline locally and watch tickets being triaged"
+	@echo "make test        start the local stack, then fmt, clippy and the whole test suite"
+	@echo "make stack-up    start Kafka (KRaft), Redis and PostgreSQL on loopback (idempotent)"
+	@echo "make stack-down  stop them"
+	@echo "make bench       run the benchmarks recorded in docs/BENCHMARKS.md"
+
+stack-up:
+	@deploy/stack.sh up
+
+stack-down:
+	@deploy/stack.sh down
+
+stack-status:
+	@deploy/stack.sh status
+
+build:
+	$(CARGO) build --workspace --bins
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: stack-up lint
+	$(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS)
+
+demo: stack-up
+	@deploy/demo.sh
+
+bench: stack-up
+	@deploy/bench.sh

@@ -1,0 +1,310 @@
+//! The pipeline's message contracts (`proto/ticketing/v1`) as prost types, their proto3 JSON
+//! form, and the one codec that turns either wire form back into a message.
+//!
+//! # Layout
+//! - [`v1`]: generated messages, enums and the `TicketIngest` gRPC service.
+//! - [`Contract`]: what every message on a topic knows about itself (CloudEvents type, schema
+//!   version).
+//! - [`ContentType`], [`encode`], [`decode`]: protobuf or JSON, chosen by the record's
+//!   `content-type` header.
+
+#![forbid(unsafe_code)]
+
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/ticketing.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/ticketing.v1.serde.rs"));
+}
+
+use std::fmt;
+
+use prost::Message;
+
+pub use pbjson_types as wkt;
+
+/// The schema version every record states in its `schema-version` header. Bump it only for an
+/// incompatible change; additive changes to the protobuf schema keep it.
+pub const SCHEMA_VERSION: &str = "1";
+
+/// A message that travels on a Kafka topic as a whole record value.
+pub trait Contract: Message + Default + serde::Serialize + serde::de::DeserializeOwned {
+    /// Fully qualified protobuf name, used as the CloudEvents `ce_type`.
+    const MESSAGE_TYPE: &'static str;
+}
+
+impl Contract for v1::TicketCreated {
+    const MESSAGE_TYPE: &'static str = "ticketing.v1.TicketCreated";
+}
+impl Contract for v1::InferenceTask {
+    const MESSAGE_TYPE: &'static str = "ticketing.v1.InferenceTask";
+}
+impl Contract for v1::InferenceResult {
+    const MESSAGE_TYPE: &'static str = "ticketing.v1.InferenceResult";
+}
+impl Contract for v1::DeadLetter {
+    const MESSAGE_TYPE: &'static str = "ticketing.v1.DeadLetter";
+}
+
+/// The two wire forms of a contract message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContentType {
+    Protobuf,
+    Json,
+}
+
+impl ContentType {
+    pub const PROTOBUF_MIME: &'static str = "application/x-protobuf";
+    pub const JSON_MIME: &'static str = "application/json";
+
+    pub fn as_mime(self) -> &'static str {
+        match self {
+            ContentType::Protobuf => Self::PROTOBUF_MIME,
+            ContentType::Json => Self::JSON_MIME,
+        }
+    }
+
+    /// Parses a `content-type` header value; parameters such as `; charset=utf-8` are ignored.
+    pub fn from_mime(mime: &str) -> Option<Self> {
+        let essence = mime.split(';').next().unwrap_or_default().trim();
+        if essence.eq_ignore_ascii_case(Self::PROTOBUF_MIME)
+            || essence.eq_ignore_ascii_case("application/protobuf")
+        {
+            Some(ContentType::Protobuf)
+        } else if essence.eq_ignore_ascii_case(Self::JSON_MIME)
+            || essence.eq_ignore_ascii_case("application/cloudevents+json")
+        {
+            Some(ContentType::Json)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for ContentType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_mime())
+    }
+}
+
+/// Why a record value is not the message it claims to be.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unsupported content type {0:?}; expected application/x-protobuf or application/json")]
+    UnsupportedContentType(String),
+    #[error("invalid protobuf for {message_type}: {source}")]
+    Protobuf {
+        message_type: &'static str,
+        #[source]
+        source: prost::DecodeError,
+    },
+    #[error("invalid JSON for {message_type}: {source}")]
+    Json {
+        message_type: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("record has no value")]
+    Empty,
+}
+
+/// Encodes a message in the given wire form.
+pub fn encode<M: Contract>(message: &M, content_type: ContentType) -> Vec<u8> {
+    match content_type {
+        ContentType::Protobuf => message.encode_to_vec(),
+        // Serialising generated pbjson types cannot fail: every field maps to JSON.
+        ContentType::Json => serde_json::to_vec(message).expect("pbjson types serialise"),
+    }
+}
+
+/// Decodes a record value. Without a `content-type` header the value is taken as JSON when it
+/// starts with `{` (outside producers often omit headers) and as protobuf otherwise.
+pub fn decode<M: Contract>(value: &[u8], content_type: Option<&str>) -> Result<M, DecodeError> {
+    if value.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let content_type = match content_type {
+        Some(mime) => ContentType::from_mime(mime)
+            .ok_or_else(|| DecodeError::UnsupportedContentType(mime.to_owned()))?,
+        None if value.first() == Some(&b'{') => ContentType::Json,
+        None => ContentType::Protobuf,
+    };
+    match content_type {
+        ContentType::Protobuf => M::decode(value).map_err(|source| DecodeError::Protobuf {
+            message_type: M::MESSAGE_TYPE,
+            source,
+        }),
+        ContentType::Json => serde_json::from_slice(value).map_err(|source| DecodeError::Json {
+            message_type: M::MESSAGE_TYPE,
+            source,
+        }),
+    }
+}
+
+impl v1::ErrorClass {
+    /// The short lowercase name used in metrics labels, alerts and replay filters.
+    pub fn label(self) -> &'static str {
+        match self {
+            v1::ErrorClass::Unspecified => "unspecified",
+            v1::ErrorClass::Decode => "decode",
+            v1::ErrorClass::InvalidRequest => "invalid_request",
+            v1::ErrorClass::ContentFilter => "content_filter",
+            v1::ErrorClass::ContextLength => "context_length",
+            v1::ErrorClass::InvalidOutput => "invalid_output",
+            v1::ErrorClass::RetriesExhausted => "retries_exhausted",
+            v1::ErrorClass::InvalidEvent => "invalid_event",
+        }
+    }
+
+    /// Inverse of [`label`](Self::label), for filters typed by people.
+    pub fn from_label(label: &str) -> Option<Self> {
+        [
+            v1::ErrorClass::Decode,
+            v1::ErrorClass::InvalidRequest,
+            v1::ErrorClass::ContentFilter,
+            v1::ErrorClass::ContextLength,
+            v1::ErrorClass::InvalidOutput,
+            v1::ErrorClass::RetriesExhausted,
+            v1::ErrorClass::InvalidEvent,
+        ]
+        .into_iter()
+        .find(|class| class.label() == label)
+    }
+}
+
+/// Converts a `SystemTime` into a protobuf timestamp.
+pub fn timestamp(time: std::time::SystemTime) -> wkt::Timestamp {
+    let since_epoch = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    wkt::Timestamp {
+        seconds: since_epoch.as_secs() as i64,
+        nanos: since_epoch.subsec_nanos() as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use v1::*;
+
+    fn sample_dead_letter() -> DeadLetter {
+        DeadLetter {
+            id: "dl-1".into(),
+            original_key: b"t-1".to_vec(),
+            original_value: vec![0, 159, 146, 150],
+            original_headers: vec![RecordHeader {
+                key: "content-type".into(),
+                value: b"application/json".to_vec(),
+            }],
+            source_topic: "tasks.llm.inference".into(),
+            source_partition: 3,
+            source_offset: 42,
+            error_class: ErrorClass::InvalidOutput as i32,
+            error_message: "not json".into(),
+            attempts: 2,
+            first_failure_at: Some(timestamp(std::time::SystemTime::now())),
+            last_failure_at: Some(timestamp(std::time::SystemTime::now())),
+            failed_service: "inference-worker".into(),
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            tracestate: String::new(),
+            ticket_id: "t-1".into(),
+            tenant_id: "acme".into(),
+        }
+    }
+
+    #[test]
+    fn json_form_follows_proto3_mapping() {
+        let json = String::from_utf8(encode(&sample_dead_letter(), ContentType::Json)).unwrap();
+        // proto3 JSON: lowerCamelCase names, bytes as base64, int64 as strings, enums by name.
+        assert!(json.contains(r#""sourceOffset":"42""#), "{json}");
+        assert!(json.contains(r#""originalValue":"AJ+Slg==""#), "{json}");
+        assert!(
+            json.contains(r#""errorClass":"ERROR_CLASS_INVALID_OUTPUT""#),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn every_message_round_trips_in_both_forms() {
+        fn round_trip<M: Contract + PartialEq + fmt::Debug>(message: M) {
+            for content_type in [ContentType::Protobuf, ContentType::Json] {
+                let bytes = encode(&message, content_type);
+                let decoded: M = decode(&bytes, Some(content_type.as_mime())).unwrap();
+                assert_eq!(decoded, message, "{content_type}");
+            }
+        }
+        round_trip(sample_dead_letter());
+        round_trip(TicketCreated {
+            ticket_id: "t-1".into(),
+            tenant_id: "acme".into(),
+            subject: "Refund".into(),
+            description: "I was charged twice".into(),
+            customer: Some(Customer {
+                id: "c-9".into(),
+                email: Some("a@example.com".into()),
+                tier: None,
+            }),
+            metadata: Some(wkt::Struct {
+                fields: [(
+                    "plan".to_string(),
+                    wkt::Value {
+                        kind: Some(wkt::value::Kind::StringValue("pro".into())),
+                    },
+                )]
+                .into(),
+            }),
+            created_at: Some(timestamp(std::time::SystemTime::now())),
+            ..Default::default()
+        });
+        round_trip(InferenceTask {
+            ticket_id: "t-1".into(),
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+            taxonomy: Some(Taxonomy {
+                categories: vec!["billing".into()],
+                priorities: vec!["p1".into()],
+            }),
+            ..Default::default()
+        });
+        round_trip(InferenceResult {
+            ticket_id: "t-1".into(),
+            confidence: 0.75,
+            usage: Some(TokenUsage {
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                total_tokens: 15,
+            }),
+            ..Default::default()
+        });
+    }
+
+    #[test]
+    fn missing_content_type_is_sniffed_and_unknown_one_is_refused() {
+        let task = InferenceTask {
+            ticket_id: "t-2".into(),
+            ..Default::default()
+        };
+        let json = encode(&task, ContentType::Json);
+        assert_eq!(decode::<InferenceTask>(&json, None).unwrap(), task);
+        let err = decode::<InferenceTask>(&json, Some("text/plain")).unwrap_err();
+        assert!(matches!(err, DecodeError::UnsupportedContentType(_)));
+        assert!(matches!(
+            decode::<InferenceTask>(b"{not json", None),
+            Err(DecodeError::Json { .. })
+        ));
+        assert!(matches!(
+            decode::<InferenceTask>(&[], None),
+            Err(DecodeError::Empty)
+        ));
+    }
+
+    #[test]
+    fn error_class_labels_are_a_closed_set() {
+        for class in [ErrorClass::Decode, ErrorClass::RetriesExhausted] {
+            assert_eq!(ErrorClass::from_label(class.label()), Some(class));
+        }
+        assert_eq!(ErrorClass::from_label("nope"), None);
+    }
+}

@@ -1,0 +1,114 @@
+//! Kafka clients built from [`KafkaConfig`](crate::config::KafkaConfig), the admin helper that
+//! provisions the pipeline's topics, record headers and the contract-aware producer.
+
+pub mod admin;
+pub mod headers;
+pub mod producer;
+
+use std::time::Duration;
+
+use rdkafka::{
+    ClientConfig,
+    consumer::{BaseConsumer, Consumer},
+};
+
+use crate::config::KafkaConfig;
+
+/// Why talking to Kafka failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error("could not create the Kafka {role} client: {source}")]
+    Client {
+        role: &'static str,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("the broker did not answer a metadata request within {timeout:?}: {source}")]
+    Unreachable {
+        timeout: Duration,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("could not {action} topic {topic}: {reason}")]
+    Topic {
+        action: &'static str,
+        topic: String,
+        reason: String,
+    },
+    #[error("Kafka admin request failed: {0}")]
+    Admin(#[source] rdkafka::error::KafkaError),
+}
+
+impl KafkaConfig {
+    /// The settings every client shares: brokers, client id, security. `role` ends the client
+    /// id, so broker logs and quotas tell the clients of one service apart.
+    pub fn client_config(&self, role: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap_servers)
+            .set("client.id", format!("{}-{role}", self.client_id))
+            .set("security.protocol", &self.security_protocol);
+        if let Some(mechanism) = &self.sasl_mechanism {
+            config.set("sasl.mechanism", mechanism);
+        }
+        if let Some(username) = &self.sasl_username {
+            config.set("sasl.username", username);
+        }
+        if let Some(password) = &self.sasl_password {
+            config.set("sasl.password", password.expose());
+        }
+        if let Some(ca) = &self.ssl_ca_location {
+            config.set("ssl.ca.location", ca.display().to_string());
+        }
+        for (key, value) in &self.extra {
+            config.set(key, value);
+        }
+        config
+    }
+
+    /// An idempotent producer that waits for every in-sync replica: a send that succeeds is
+    /// durable and never duplicated by the client's own retries.
+    pub fn producer_config(&self, role: &str) -> ClientConfig {
+        let mut config = self.client_config(role);
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("compression.type", "lz4");
+        config
+    }
+
+    /// A consumer in `group_id` that commits nothing on its own: the offset tracker stores the
+    /// lowest unfinished offset and the runtime commits it. Only committed transactions are read.
+    pub fn consumer_config(&self, role: &str, group_id: &str) -> ClientConfig {
+        let mut config = self.client_config(role);
+        config
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        config
+    }
+}
+
+/// Asks the cluster for its metadata: the cheapest proof that the brokers answer. Blocking;
+/// call it from `spawn_blocking`.
+pub fn probe_brokers(client: &BaseConsumer, timeout: Duration) -> Result<usize, KafkaError> {
+    client
+        .fetch_metadata(None, timeout)
+        .map(|metadata| metadata.brokers().len())
+        .map_err(|source| KafkaError::Unreachable { timeout, source })
+}
+
+/// A client kept only to probe broker reachability for `/readyz`.
+pub fn probe_client(config: &KafkaConfig, service: &str) -> Result<BaseConsumer, KafkaError> {
+    config
+        .client_config(&format!("{service}-probe"))
+        .create()
+        .map_err(|source| KafkaError::Client {
+            role: "probe",
+            source,
+        })
+}

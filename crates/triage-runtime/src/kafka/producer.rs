@@ -1,0 +1,146 @@
+//! The producer every service uses to publish contract messages: idempotent, `acks=all`, and
+//! awaited, so a caller learns the partition and offset only once the broker holds the record.
+
+use std::time::Duration;
+
+use rdkafka::{
+    message::OwnedHeaders,
+    producer::{FutureProducer, FutureRecord, Producer},
+    util::Timeout,
+};
+use triage_proto::{ContentType, Contract};
+
+use super::{KafkaError, headers};
+use crate::config::KafkaConfig;
+
+/// Where the broker stored a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delivered {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Why a record was not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    #[error("the broker did not acknowledge the record to {topic} within {timeout:?}")]
+    Timeout { topic: String, timeout: Duration },
+    #[error("the broker refused the record to {topic}: {source}")]
+    Refused {
+        topic: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+}
+
+/// A cloneable handle to one shared librdkafka producer.
+#[derive(Clone)]
+pub struct ContractProducer {
+    inner: FutureProducer,
+    service: &'static str,
+    content_type: ContentType,
+    delivery_timeout: Duration,
+}
+
+impl ContractProducer {
+    /// `delivery_timeout` bounds how long a send may wait for the broker, retries included
+    /// (librdkafka's `message.timeout.ms`); past it the caller gets an error, never a hang.
+    pub fn new(
+        kafka: &KafkaConfig,
+        service: &'static str,
+        content_type: ContentType,
+        delivery_timeout: Duration,
+    ) -> Result<Self, KafkaError> {
+        let inner = kafka
+            .producer_config("producer")
+            .set(
+                "message.timeout.ms",
+                delivery_timeout.as_millis().to_string(),
+            )
+            .create()
+            .map_err(|source| KafkaError::Client {
+                role: "producer",
+                source,
+            })?;
+        Ok(ContractProducer {
+            inner,
+            service,
+            content_type,
+            delivery_timeout,
+        })
+    }
+
+    pub fn content_type(&self) -> ContentType {
+        self.content_type
+    }
+
+    /// Encodes `message`, adds the pipeline headers with `trace`'s context, and waits for the
+    /// broker's acknowledgement.
+    pub async fn send<M: Contract>(
+        &self,
+        topic: &str,
+        key: &str,
+        message: &M,
+        trace: &opentelemetry::Context,
+    ) -> Result<Delivered, ProduceError> {
+        let payload = triage_proto::encode(message, self.content_type);
+        let headers = headers::for_message::<M>(self.service, self.content_type, trace);
+        self.send_raw(topic, key.as_bytes(), &payload, headers)
+            .await
+    }
+
+    /// Sends bytes as they are, with the given headers; for replaying original records.
+    pub async fn send_raw(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        headers: OwnedHeaders,
+    ) -> Result<Delivered, ProduceError> {
+        let record = FutureRecord::to(topic)
+            .key(key)
+            .payload(payload)
+            .headers(headers);
+        // The queue wait is bounded by the same timeout: a full local queue is back-pressure.
+        match self
+            .inner
+            .send(record, Timeout::After(self.delivery_timeout))
+            .await
+        {
+            Ok(delivery) => Ok(Delivered {
+                partition: delivery.partition,
+                offset: delivery.offset,
+            }),
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
+                ),
+                _,
+            ))
+            | Err((
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                ),
+                _,
+            )) => Err(ProduceError::Timeout {
+                topic: topic.to_owned(),
+                timeout: self.delivery_timeout,
+            }),
+            Err((source, _)) => Err(ProduceError::Refused {
+                topic: topic.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Waits for every queued record to be delivered; called on shutdown.
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(error) = self.inner.flush(Timeout::After(timeout)) {
+            tracing::warn!(error = %error, "producer flush did not complete");
+        }
+    }
+
+    pub fn inner(&self) -> &FutureProducer {
+        &self.inner
+    }
+}

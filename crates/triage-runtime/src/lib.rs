@@ -1,0 +1,21 @@
+//! What every pipeline service shares, written once: configuration, Kafka clients and record
+//! headers, telemetry, the admin server and shutdown.
+//!
+//! # Layout
+//! - [`config`]: typed configuration (defaults, TOML file, `TRIAGE_*` environment) and the shared
+//!   sections (`kafka`, `topics`, `telemetry`, `admin`).
+//! - [`kafka`]: client settings, topic provisioning ([`kafka::admin`]), headers and trace
+//!   context ([`kafka::headers`]), the contract producer ([`kafka::producer`]).
+//! - [`telemetry`]: JSON logs, OpenTelemetry spans and OTLP export.
+//! - [`metrics`]: the Prometheus registry.
+//! - [`admin_http`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`service`]: the start-up and shutdown steps of every binary.
+//! - [`shutdown`]: SIGTERM/SIGINT and the shutdown broadcast.
+
+pub mod admin_http;
+pub mod config;
+pub mod kafka;
+pub mod metrics;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;

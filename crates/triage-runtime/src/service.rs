@@ -1,0 +1,149 @@
+//! The start-up and shutdown steps every service binary shares, so that each `main.rs` is a
+//! checklist: load config, start telemetry, run the service until a signal, map to an exit code.
+
+use std::{future::Future, net::SocketAddr, process::ExitCode, sync::Arc};
+
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use crate::{
+    admin_http::{self, AdminState, KafkaReadiness, ReadinessCheck},
+    config::{self, AdminConfig, KafkaConfig, TelemetryConfig, Validate},
+    kafka,
+    metrics::MetricsHandle,
+    shutdown::Shutdown,
+    telemetry::{self, TelemetryGuard},
+};
+
+/// Exit code for a configuration the service cannot start with (as sysexits' EX_CONFIG).
+pub const EXIT_CONFIG: u8 = 78;
+
+/// A service configuration: the shared sections every service has.
+pub trait ServiceConfig: Default + Serialize + DeserializeOwned + Validate {
+    fn telemetry(&self) -> &TelemetryConfig;
+}
+
+/// Loads the configuration and starts telemetry. On a bad configuration, prints one line to
+/// stderr (telemetry is not up yet, and the line must reach a person reading `kubectl logs`).
+pub fn bootstrap<C: ServiceConfig>(service: &'static str) -> Result<(C, TelemetryGuard), ExitCode> {
+    let config: C = match config::load(std::env::args().skip(1)) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{service}: {error}");
+            return Err(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    match telemetry::init(service, config.telemetry()) {
+        Ok(guard) => Ok((config, guard)),
+        Err(error) => {
+            eprintln!("{service}: cannot start telemetry: {error}");
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
+    }
+}
+
+/// The whole of a service's `main`: configuration and telemetry, then `run` until SIGTERM or
+/// SIGINT, mapped to an exit code.
+pub fn main<C, F, Fut>(service: &'static str, run: F) -> ExitCode
+where
+    C: ServiceConfig,
+    F: FnOnce(C, Shutdown) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let (config, _telemetry) = match bootstrap::<C>(service) {
+        Ok(started) => started,
+        Err(exit_code) => return exit_code,
+    };
+    block_on(service, async move {
+        run(
+            config,
+            crate::shutdown::from_future(crate::shutdown::signal()),
+        )
+        .await
+    })
+}
+
+/// Runs the service's future on a multi-threaded runtime and maps its outcome to an exit code.
+pub fn block_on<F>(service: &'static str, run: F) -> ExitCode
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{service}: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run) {
+        Ok(()) => {
+            tracing::info!(service, "stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            tracing::error!(service, error = format!("{error:#}"), "stopped on error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A running admin server.
+pub struct AdminServer {
+    pub local_addr: SocketAddr,
+    pub task: JoinHandle<std::io::Result<()>>,
+}
+
+/// Binds `admin.listen` and serves `/healthz`, `/readyz` (Kafka plus `extra_checks`) and
+/// `/metrics` until `shutdown` fires.
+pub async fn start_admin(
+    service: &'static str,
+    admin: &AdminConfig,
+    kafka_config: &KafkaConfig,
+    metrics: MetricsHandle,
+    extra_checks: Vec<Box<dyn ReadinessCheck>>,
+    shutdown: Shutdown,
+) -> anyhow::Result<AdminServer> {
+    use anyhow::Context as _;
+    let probe = kafka::probe_client(kafka_config, service)?;
+    let mut checks: Vec<Box<dyn ReadinessCheck>> = vec![Box::new(KafkaReadiness::new(probe))];
+    checks.extend(extra_checks);
+    let listener = TcpListener::bind(admin.listen)
+        .await
+        .with_context(|| format!("failed to bind the admin server to {}", admin.listen))?;
+    let local_addr = listener.local_addr()?;
+    let router = admin_http::router(AdminState {
+        service,
+        metrics,
+        checks: Arc::new(checks),
+    });
+    tracing::info!(address = %local_addr, "admin server listening");
+    let task = tokio::spawn(admin_http::serve(listener, router, shutdown));
+    Ok(AdminServer { local_addr, task })
+}
+
+/// Serves the admin endpoints until `shutdown` fires, for a service whose stage has no work loop
+/// of its own yet.
+pub async fn serve_admin_until_shutdown(
+    service: &'static str,
+    admin: &AdminConfig,
+    kafka_config: &KafkaConfig,
+    metrics: MetricsHandle,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let server = start_admin(
+        service,
+        admin,
+        kafka_config,
+        metrics,
+        Vec::new(),
+        shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(service, "started");
+    shutdown.wait().await;
+    server.task.await??;
+    Ok(())
+}

@@ -1,0 +1,459 @@
+//! Integration-test harness: the local stack's endpoints, names no other test uses, waits on
+//! conditions with deadlines, and service binaries run as real processes.
+//!
+//! Tests share one broker, Redis and PostgreSQL (started by `make stack-up`); isolation comes
+//! from names: every [`TestContext`] has its own topics, consumer groups, Redis key prefix and
+//! database schema.
+
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use rdkafka::{
+    ClientConfig, Message,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    consumer::{Consumer, StreamConsumer},
+    message::OwnedMessage,
+};
+
+/// Endpoints of the running local stack.
+#[derive(Clone, Debug)]
+pub struct Stack {
+    pub kafka_bootstrap: String,
+    pub redis_url: String,
+    pub database_url: String,
+}
+
+impl Stack {
+    /// Reads `.local/stack.env` (written by `deploy/stack.sh up`); `KAFKA_BOOTSTRAP`,
+    /// `REDIS_URL` and `DATABASE_URL` in the environment take precedence.
+    pub fn get() -> &'static Stack {
+        static STACK: OnceLock<Stack> = OnceLock::new();
+        STACK.get_or_init(|| {
+            let env_file = workspace_root().join(".local/stack.env");
+            let mut values: HashMap<String, String> = std::fs::read_to_string(&env_file)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|line| line.split_once('='))
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .collect();
+            for key in ["KAFKA_BOOTSTRAP", "REDIS_URL", "DATABASE_URL"] {
+                if let Ok(value) = std::env::var(key) {
+                    values.insert(key.to_owned(), value);
+                }
+            }
+            let take = |key: &str| {
+                values.get(key).cloned().unwrap_or_else(|| {
+                    panic!(
+                        "{key} is unknown: run `make stack-up` (it writes {})",
+                        env_file.display()
+                    )
+                })
+            };
+            Stack {
+                kafka_bootstrap: take("KAFKA_BOOTSTRAP"),
+                redis_url: take("REDIS_URL"),
+                database_url: take("DATABASE_URL"),
+            }
+        })
+    }
+}
+
+/// The workspace's root folder (the one holding `Cargo.lock`).
+pub fn workspace_root() -> PathBuf {
+    let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    while !dir.join("Cargo.lock").exists() {
+        if !dir.pop() {
+            panic!("no Cargo.lock above {}", env!("CARGO_MANIFEST_DIR"));
+        }
+    }
+    dir
+}
+
+/// Names that belong to one test only.
+#[derive(Clone, Debug)]
+pub struct TestContext {
+    /// Short unique id, e.g. `roundtrip-3f9a1c`.
+    pub id: String,
+    pub topics: TestTopics,
+    pub redis_prefix: String,
+    /// A PostgreSQL schema name (lowercase, safe to interpolate).
+    pub db_schema: String,
+}
+
+/// The four pipeline topics, named for one test.
+#[derive(Clone, Debug)]
+pub struct TestTopics {
+    pub tickets_created: String,
+    pub inference_tasks: String,
+    pub results: String,
+    pub dead_letters: String,
+}
+
+impl TestTopics {
+    pub fn all(&self) -> [&str; 4] {
+        [
+            &self.tickets_created,
+            &self.inference_tasks,
+            &self.results,
+            &self.dead_letters,
+        ]
+    }
+}
+
+impl TestContext {
+    pub fn new(test_name: &str) -> Self {
+        let suffix = &uuid::Uuid::new_v4().simple().to_string()[..10];
+        let id = format!("{test_name}-{suffix}");
+        let topic = |stage: &str| format!("test.{id}.{stage}");
+        TestContext {
+            topics: TestTopics {
+                tickets_created: topic("tickets-created"),
+                inference_tasks: topic("inference"),
+                results: topic("results"),
+                dead_letters: topic("dlq"),
+            },
+            redis_prefix: format!("test:{id}:"),
+            db_schema: format!("test_{}", id.replace('-', "_").to_ascii_lowercase()),
+            id,
+        }
+    }
+
+    /// A consumer group name no other test uses.
+    pub fn group(&self, role: &str) -> String {
+        format!("test-{}-{role}", self.id)
+    }
+
+    /// Creates the four topics with `partitions` each; existing ones are left alone.
+    pub async fn create_topics(&self, partitions: i32) {
+        create_topics(&self.topics.all(), partitions).await;
+    }
+
+    /// The `TRIAGE_*` environment that points a service binary at this test's stack and topics.
+    pub fn service_env(&self) -> Vec<(String, String)> {
+        let stack = Stack::get();
+        vec![
+            (
+                "TRIAGE_KAFKA__BOOTSTRAP_SERVERS".into(),
+                stack.kafka_bootstrap.clone(),
+            ),
+            (
+                "TRIAGE_TOPICS__TICKETS_CREATED".into(),
+                self.topics.tickets_created.clone(),
+            ),
+            (
+                "TRIAGE_TOPICS__INFERENCE_TASKS".into(),
+                self.topics.inference_tasks.clone(),
+            ),
+            ("TRIAGE_TOPICS__RESULTS".into(), self.topics.results.clone()),
+            (
+                "TRIAGE_TOPICS__DEAD_LETTERS".into(),
+                self.topics.dead_letters.clone(),
+            ),
+        ]
+    }
+}
+
+/// Creates topics (replication factor 1) on the stack's broker, tolerating existing ones.
+pub async fn create_topics(names: &[&str], partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = client_config().create().expect("admin client");
+    let new_topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let results = admin
+        .create_topics(
+            &new_topics,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+        )
+        .await
+        .expect("create topics");
+    for result in results {
+        if let Err((topic, code)) = result
+            && code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
+        {
+            panic!("cannot create test topic {topic}: {code}");
+        }
+    }
+}
+
+/// Client settings for the stack's broker.
+pub fn client_config() -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &Stack::get().kafka_bootstrap);
+    config
+}
+
+/// A consumer of `topic` from the beginning, in a fresh group, reading committed records only.
+pub fn consumer(topic: &str) -> StreamConsumer {
+    let consumer: StreamConsumer = client_config()
+        .set(
+            "group.id",
+            format!("test-reader-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("test consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    consumer
+}
+
+/// Reads records from `consumer` until `count` arrived; panics after `timeout` with what it got.
+pub async fn read_records(
+    consumer: &StreamConsumer,
+    count: usize,
+    timeout: Duration,
+) -> Vec<OwnedMessage> {
+    let deadline = Instant::now() + timeout;
+    let mut records = Vec::with_capacity(count);
+    while records.len() < count {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, consumer.recv()).await {
+            Ok(Ok(message)) => records.push(message.detach()),
+            Ok(Err(error)) => panic!("consumer error: {error}"),
+            Err(_) => panic!(
+                "only {} of {count} records arrived within {timeout:?}",
+                records.len()
+            ),
+        }
+    }
+    records
+}
+
+/// Reads whatever arrives on `consumer` for `window`; for asserting that nothing more comes.
+pub async fn read_for(consumer: &StreamConsumer, window: Duration) -> Vec<OwnedMessage> {
+    let deadline = Instant::now() + window;
+    let mut records = Vec::new();
+    while let Ok(Ok(message)) = tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()),
+        consumer.recv(),
+    )
+    .await
+    {
+        records.push(message.detach());
+    }
+    records
+}
+
+/// Polls `condition` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = condition().await {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A service binary running as a child process, killed when dropped.
+pub struct ServiceProcess {
+    name: String,
+    child: Child,
+    pub admin_port: u16,
+    log_path: PathBuf,
+}
+
+impl ServiceProcess {
+    /// Starts `binary` with `env` (plus an admin port of its own); stdout and stderr go to a
+    /// log file under `target/test-logs/` that panics quote.
+    pub fn spawn(binary: &Path, args: &[&str], env: &[(String, String)]) -> Self {
+        let name = binary.file_name().unwrap().to_string_lossy().into_owned();
+        let admin_port = free_port();
+        let log_dir = workspace_root().join("target/test-logs");
+        std::fs::create_dir_all(&log_dir).expect("log dir");
+        let log_path = log_dir.join(format!("{name}-{admin_port}.log"));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(binary)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("TRIAGE_ADMIN__LISTEN", format!("127.0.0.1:{admin_port}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        ServiceProcess {
+            name,
+            child,
+            admin_port,
+            log_path,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// What the process has written so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&mut self, timeout: Duration) {
+        let client = reqwest::Client::new();
+        let url = self.admin_url("/readyz");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited with {status} before it was ready:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            if let Ok(response) = client
+                .get(&url)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                && response.status().is_success()
+            {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{} not ready within {timeout:?}:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends `signal` (`TERM`, `INT`, `KILL`) with the system's `kill`.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(
+            status.success(),
+            "kill -{signal} {} failed",
+            self.child.id()
+        );
+    }
+
+    /// Waits for the process to exit, or panics after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{} did not exit within {timeout:?}:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs the process to completion (for binaries expected to exit by themselves).
+    pub fn run_to_exit(
+        binary: &Path,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> std::process::Output {
+        Command::new(binary)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()))
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of `record`'s header `key` as text.
+pub fn header<'a>(record: &'a OwnedMessage, key: &str) -> Option<&'a str> {
+    use rdkafka::message::Headers;
+    record
+        .headers()?
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// The start-up contract every service binary keeps: with the stack up it reports ready, its
+/// metrics name it, and SIGTERM makes it exit 0 within five seconds.
+pub async fn assert_starts_ready_and_exits_zero_on_sigterm(
+    binary: &str,
+    service: &str,
+    env: &[(String, String)],
+) {
+    let mut process = ServiceProcess::spawn(binary.as_ref(), &[], env);
+    process.wait_ready(Duration::from_secs(30)).await;
+    let metrics = reqwest::get(process.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!("service=\"{service}\"")),
+        "{metrics}"
+    );
+    process.signal("TERM");
+    let status = process.wait_exit(Duration::from_secs(5)).await;
+    assert!(status.success(), "exit status {status}:\n{}", process.log());
+}
+
+/// A bad configuration value stops the binary with exit code 78 and one line on stderr that
+/// names the key and the environment variable it came from.
+pub fn assert_bad_config_fails_with_one_line_naming_the_key(binary: &str) {
+    let output = ServiceProcess::run_to_exit(
+        binary.as_ref(),
+        &[],
+        &[("TRIAGE_ADMIN__DRAIN_TIMEOUT".into(), "soon".into())],
+    );
+    assert_eq!(output.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("admin.drain_timeout"), "{stderr}");
+    assert!(stderr.contains("TRIAGE_ADMIN__DRAIN_TIMEOUT"), "{stderr}");
+}

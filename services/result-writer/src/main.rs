@@ -1,0 +1,5 @@
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    triage_runtime::service::main(result_writer::SERVICE, result_writer::run)
+}

@@ -1,0 +1,1 @@
+//! llm-sim: an OpenAI-compatible LLM simulator (built in its own issue).
