@@ -39,4 +39,4 @@ demo: stack-up
 	@deploy/demo.sh
 
 bench: stack-up
-	@deploy/bench.sh
+	@deploy/bench.sh $(BENCH)

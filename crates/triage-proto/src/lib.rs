@@ -171,6 +171,22 @@ impl v1::ErrorClass {
     }
 }
 
+/// The key that makes sure nobody pays twice for the same inference: the same ticket, prompt
+/// version and model always give the same key, whichever replica or replay computes it. Fields
+/// are separated by a byte that cannot occur in any of them (ASCII unit separator) so that
+/// `("a", "bc")` and `("ab", "c")` differ.
+pub fn idempotency_key(ticket_id: &str, prompt_version: &str, model: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for (index, part) in [ticket_id, prompt_version, model].into_iter().enumerate() {
+        if index > 0 {
+            hasher.update([0x1f]);
+        }
+        hasher.update(part.as_bytes());
+    }
+    hex::encode(hasher.finalize())
+}
+
 /// Converts a `SystemTime` into a protobuf timestamp.
 pub fn timestamp(time: std::time::SystemTime) -> wkt::Timestamp {
     let since_epoch = time
@@ -298,6 +314,19 @@ mod tests {
             decode::<InferenceTask>(&[], None),
             Err(DecodeError::Empty)
         ));
+    }
+
+    #[test]
+    fn idempotency_key_depends_on_every_part_and_its_boundaries() {
+        let key = idempotency_key("t-1", "triage-v1", "gpt-4o-mini");
+        assert_eq!(key.len(), 64);
+        assert_eq!(key, idempotency_key("t-1", "triage-v1", "gpt-4o-mini"));
+        assert_ne!(key, idempotency_key("t-1", "triage-v2", "gpt-4o-mini"));
+        assert_ne!(key, idempotency_key("t-1", "triage-v1", "gpt-4o"));
+        assert_ne!(
+            idempotency_key("a", "bc", "m"),
+            idempotency_key("ab", "c", "m")
+        );
     }
 
     #[test]

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# `make bench`: runs every benchmark script in deploy/bench/ (or only those named as arguments),
+# each of which prints its figures and the command behind them. Results go to target/bench/.
+# Benchmarks build in release mode; the figures in docs/BENCHMARKS.md come from these scripts.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+mkdir -p target/bench
+cargo build --release --workspace --bins --quiet
+selected=("$@")
+for script in deploy/bench/*.sh; do
+  name=$(basename "$script" .sh)
+  if ((${#selected[@]})) && [[ ! " ${selected[*]} " == *" $name "* ]]; then continue; fi
+  echo "== bench: $name"
+  bash "$script" | tee "target/bench/$name.txt"
+done
