@@ -457,3 +457,38 @@ pub fn assert_bad_config_fails_with_one_line_naming_the_key(binary: &str) {
     assert!(stderr.contains("admin.drain_timeout"), "{stderr}");
     assert!(stderr.contains("TRIAGE_ADMIN__DRAIN_TIMEOUT"), "{stderr}");
 }
+
+/// The offset `group` has committed for `topic`/`partition`, if any. Reads it without joining
+/// the group.
+pub fn committed_offset(group: &str, topic: &str, partition: i32) -> Option<i64> {
+    use rdkafka::{Offset, TopicPartitionList, consumer::BaseConsumer};
+    let client: BaseConsumer = client_config()
+        .set("group.id", group)
+        .create()
+        .expect("offset reader");
+    let mut partitions = TopicPartitionList::new();
+    partitions.add_partition(topic, partition);
+    let committed = client
+        .committed_offsets(partitions, Duration::from_secs(10))
+        .expect("committed offsets");
+    match committed.find_partition(topic, partition)?.offset() {
+        Offset::Offset(offset) => Some(offset),
+        _ => None,
+    }
+}
+
+/// Produces `records` (key, value) to `topic`/`partition` and waits for each acknowledgement.
+pub async fn produce(topic: &str, partition: Option<i32>, records: &[(String, Vec<u8>)]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = client_config().create().expect("test producer");
+    for (key, value) in records {
+        let mut record = FutureRecord::to(topic).key(key).payload(value);
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|(error, _)| panic!("produce to {topic}: {error}"));
+    }
+}

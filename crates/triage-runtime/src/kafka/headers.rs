@@ -8,7 +8,7 @@ use std::{collections::HashMap, time::SystemTime};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use rdkafka::message::{BorrowedHeaders, Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use triage_proto::{ContentType, Contract, SCHEMA_VERSION};
 
 pub const CONTENT_TYPE: &str = "content-type";
@@ -92,7 +92,7 @@ pub fn get_str<'a, H: Headers>(headers: Option<&'a H>, key: &str) -> Option<&'a 
 }
 
 /// Copies headers for a dead-letter envelope, byte for byte.
-pub fn to_record_headers(headers: Option<&BorrowedHeaders>) -> Vec<triage_proto::v1::RecordHeader> {
+pub fn to_record_headers<H: Headers>(headers: Option<&H>) -> Vec<triage_proto::v1::RecordHeader> {
     headers
         .map(|headers| {
             headers

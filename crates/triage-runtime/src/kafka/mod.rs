@@ -1,8 +1,13 @@
-//! Kafka clients built from [`KafkaConfig`](crate::config::KafkaConfig), the admin helper that
-//! provisions the pipeline's topics, record headers and the contract-aware producer.
+//! Kafka clients built from [`KafkaConfig`](crate::config::KafkaConfig): topic provisioning
+//! ([`admin`]), record headers and trace context ([`headers`]), the contract producer
+//! ([`producer`]), the at-least-once consumer runtime ([`consumer`]) and the one place that
+//! decides which offset may be committed ([`offsets`]).
 
 pub mod admin;
+pub mod consumer;
+pub mod dead_letter;
 pub mod headers;
+pub mod offsets;
 pub mod producer;
 
 use std::time::Duration;

@@ -1,0 +1,687 @@
+//! The consumer runtime every at-least-once stage shares (inference-worker, result-writer,
+//! dlq-alerter): many records in flight, per-key ordering, offsets committed only past finished
+//! work, back-pressure by pausing fetches, cooperative rebalances and a bounded drain.
+//!
+//! # How it runs
+//! A dedicated OS thread owns the librdkafka consumer, so that polling, rebalance callbacks and
+//! synchronous commits never block the async runtime. It hands records to the async dispatcher
+//! through a bounded channel and receives completions back. The dispatcher runs each record's
+//! handler as a task, one at a time per ordering key.
+//!
+//! # When an offset is committed
+//! Only here and in [`offsets`](super::offsets): when a handler reports a record finished, the
+//! consumer thread marks it in the [`OffsetTracker`]; if the partition's lowest unfinished offset
+//! moved, that offset is stored (`store_offsets`) and librdkafka's auto-commit sends it with the
+//! next commit (every `commit_interval`), on revoke and on close. Nothing is ever stored past a
+//! record whose handler has not said it is durably done.
+//!
+//! # States of the consumer thread
+//! - consuming: poll; pause every assigned partition while `max_in_flight` records are in
+//!   flight or the [`FetchGate`] is closed (rate limit, open circuit), resume when both clear.
+//! - draining (shutdown fired): all partitions paused; completions are still stored until
+//!   nothing is in flight or `drain_timeout` passed.
+//! - done: a final synchronous commit, then the consumer is closed, which leaves the group.
+//!   Records still unfinished are not committed and will be consumed again.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    future::Future,
+    panic::AssertUnwindSafe,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc as std_mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use futures::FutureExt;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use rdkafka::{
+    ClientContext, Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance},
+    error::KafkaResult,
+    message::OwnedMessage,
+    types::RDKafkaErrorCode,
+};
+use serde::{Deserialize, Serialize};
+use tokio::{sync::mpsc, task::JoinSet};
+
+use super::offsets::{InFlight, OffsetTracker};
+use crate::{
+    config::{KafkaConfig, Validate},
+    shutdown::Shutdown,
+};
+
+/// How a stage consumes its topic.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerConfig {
+    /// The consumer group; replicas of one service share it.
+    pub group_id: String,
+    /// Records handed to handlers and not yet finished, over all partitions. Bounds memory
+    /// whatever the backlog; fetching pauses while it is reached.
+    pub max_in_flight: usize,
+    /// How often stored offsets are committed.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Static membership (`group.instance.id`), e.g. the pod name of a StatefulSet: a restart
+    /// within the session timeout keeps the assignment and triggers no rebalance.
+    pub group_instance_id: Option<String>,
+    /// How long the broker waits for a consumer's heartbeat before giving its partitions away.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+}
+
+impl ConsumerConfig {
+    pub fn for_group(group_id: &str) -> Self {
+        ConsumerConfig {
+            group_id: group_id.to_owned(),
+            ..Default::default()
+        }
+    }
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            group_id: String::new(),
+            max_in_flight: 64,
+            commit_interval: Duration::from_secs(1),
+            group_instance_id: None,
+            session_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Validate for ConsumerConfig {
+    fn validate(&self, problems: &mut Vec<String>) {
+        if self.group_id.trim().is_empty() {
+            problems.push("consumer.group_id must not be empty".into());
+        }
+        if self.max_in_flight == 0 {
+            problems.push("consumer.max_in_flight must be at least 1".into());
+        }
+        if self.commit_interval.is_zero() {
+            problems.push("consumer.commit_interval must be longer than zero".into());
+        }
+    }
+}
+
+/// What a handler did with a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// The work is durable downstream (result produced and acknowledged, row committed, alert
+    /// delivered, or dead letter acknowledged): the offset may be committed past it.
+    Done,
+    /// The work was given up without a durable outcome (shutdown in the middle of a retry): the
+    /// record stays uncommitted and is consumed again by whoever owns the partition next.
+    Abandon,
+}
+
+/// A stage's per-record logic.
+pub trait RecordHandler: Send + Sync + 'static {
+    /// The record after decoding, as the handler wants it.
+    type Item: Send + 'static;
+
+    /// Turns a raw record into an item; cheap and infallible (a record that does not decode is
+    /// an item too, which `handle` dead-letters).
+    fn prepare(&self, record: OwnedMessage) -> Self::Item;
+
+    /// Items with the same key are handled one after the other in offset order; `None` means
+    /// no ordering constraint.
+    fn ordering_key(&self, item: &Self::Item) -> Option<Vec<u8>>;
+
+    /// Does the work. Returns [`Disposition::Done`] only once the outcome is durable.
+    fn handle(&self, item: Self::Item) -> impl Future<Output = Disposition> + Send;
+}
+
+/// A switch the handler closes to stop fetching (no rate-limit budget, circuit open) and opens
+/// again when capacity returns. Records in flight continue either way.
+#[derive(Clone, Debug, Default)]
+pub struct FetchGate(Arc<AtomicBool>);
+
+impl FetchGate {
+    pub fn close(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn open(&self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+
+    pub fn is_open(&self) -> bool {
+        !self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Why the consumer could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("could not create the Kafka consumer for group {group}: {source}")]
+    Create {
+        group: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("could not subscribe group {group} to {topics:?}: {source}")]
+    Subscribe {
+        group: String,
+        topics: Vec<String>,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("the consumer thread of group {group} stopped unexpectedly")]
+    ThreadLost { group: String },
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabels {
+    group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PauseLabels {
+    group: String,
+    reason: &'static str,
+}
+
+/// The runtime's metrics, registered once per process and shared by its consumers.
+#[derive(Clone, Default)]
+pub struct ConsumerMetrics {
+    in_flight: Family<GroupLabels, Gauge>,
+    paused: Family<GroupLabels, Gauge>,
+    records: Family<GroupLabels, Counter>,
+    pauses: Family<PauseLabels, Counter>,
+    commit_failures: Family<GroupLabels, Counter>,
+    abandoned: Family<GroupLabels, Counter>,
+}
+
+impl ConsumerMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = ConsumerMetrics::default();
+        registry.register(
+            "consumer_in_flight",
+            "Records handed to handlers and not finished",
+            metrics.in_flight.clone(),
+        );
+        registry.register(
+            "consumer_paused",
+            "1 while fetching is paused for back-pressure or draining",
+            metrics.paused.clone(),
+        );
+        registry.register(
+            "consumer_records",
+            "Records consumed",
+            metrics.records.clone(),
+        );
+        registry.register(
+            "consumer_pauses",
+            "Times fetching paused, by reason (window_full, gate_closed)",
+            metrics.pauses.clone(),
+        );
+        registry.register(
+            "consumer_commit_failures",
+            "Offset commits the broker refused",
+            metrics.commit_failures.clone(),
+        );
+        registry.register(
+            "consumer_abandoned",
+            "Records given up without a durable outcome (consumed again later)",
+            metrics.abandoned.clone(),
+        );
+        metrics
+    }
+}
+
+/// Reports from the dispatcher to the consumer thread.
+enum Report {
+    Finished(InFlight),
+    Abandoned,
+}
+
+struct RuntimeContext {
+    group: String,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    paused: Arc<AtomicBool>,
+    metrics: ConsumerMetrics,
+}
+
+impl ClientContext for RuntimeContext {}
+
+impl ConsumerContext for RuntimeContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(partitions) = rebalance else {
+            return;
+        };
+        // Hand over what is finished before the partitions are someone else's.
+        commit_stored(consumer, &self.group, &self.metrics);
+        let mut tracker = self.tracker.lock().expect("tracker lock");
+        for element in partitions.elements() {
+            let abandoned = tracker.revoke(element.topic(), element.partition());
+            tracing::info!(
+                group = %self.group,
+                topic = element.topic(),
+                partition = element.partition(),
+                in_flight_not_committed = abandoned,
+                "partition revoked"
+            );
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(partitions) = rebalance else {
+            return;
+        };
+        {
+            let mut tracker = self.tracker.lock().expect("tracker lock");
+            for element in partitions.elements() {
+                tracker.assign(element.topic(), element.partition());
+                tracing::info!(
+                    group = %self.group,
+                    topic = element.topic(),
+                    partition = element.partition(),
+                    "partition assigned"
+                );
+            }
+        }
+        if self.paused.load(Ordering::Relaxed)
+            && let Err(error) = consumer.pause(partitions)
+        {
+            tracing::warn!(group = %self.group, error = %error, "failed to pause newly assigned partitions");
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                tracing::debug!(group = %self.group, partitions = offsets.count(), "offsets committed")
+            }
+            Err(rdkafka::error::KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(error) => {
+                self.metrics
+                    .commit_failures
+                    .get_or_create(&GroupLabels {
+                        group: self.group.clone(),
+                    })
+                    .inc();
+                tracing::warn!(group = %self.group, error = %error, "offset commit failed");
+            }
+        }
+    }
+}
+
+fn commit_stored(consumer: &BaseConsumer<RuntimeContext>, group: &str, metrics: &ConsumerMetrics) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(rdkafka::error::KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(error) => {
+            metrics
+                .commit_failures
+                .get_or_create(&GroupLabels {
+                    group: group.to_owned(),
+                })
+                .inc();
+            tracing::warn!(group, error = %error, "offset commit failed");
+        }
+    }
+}
+
+/// Everything [`run`] needs besides the handler.
+pub struct ConsumerRun<'a> {
+    pub kafka: &'a KafkaConfig,
+    pub config: &'a ConsumerConfig,
+    pub topics: Vec<String>,
+    pub gate: FetchGate,
+    pub metrics: ConsumerMetrics,
+    /// After shutdown fires, how long in-flight records may take to finish.
+    pub drain_timeout: Duration,
+}
+
+/// Consumes `run.topics` with `handler` until `shutdown` fires and the drain completes.
+pub async fn run<H: RecordHandler>(
+    run: ConsumerRun<'_>,
+    handler: Arc<H>,
+    mut shutdown: Shutdown,
+) -> Result<(), ConsumerError> {
+    let group = run.config.group_id.clone();
+    let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let paused = Arc::new(AtomicBool::new(false));
+    let context = RuntimeContext {
+        group: group.clone(),
+        tracker: Arc::clone(&tracker),
+        paused: Arc::clone(&paused),
+        metrics: run.metrics.clone(),
+    };
+    let mut client_config = run.kafka.consumer_config("consumer", &group);
+    // Auto-commit only ever sends what was stored, and the tracker stores nothing past
+    // unfinished work; librdkafka then also commits on revoke and on close.
+    client_config
+        .set("enable.auto.commit", "true")
+        .set(
+            "auto.commit.interval.ms",
+            run.config.commit_interval.as_millis().to_string(),
+        )
+        .set(
+            "session.timeout.ms",
+            run.config.session_timeout.as_millis().to_string(),
+        );
+    if let Some(instance_id) = &run.config.group_instance_id {
+        client_config.set("group.instance.id", instance_id);
+    }
+    let consumer: BaseConsumer<RuntimeContext> = client_config
+        .create_with_context(context)
+        .map_err(|source| ConsumerError::Create {
+            group: group.clone(),
+            source,
+        })?;
+    let topic_refs: Vec<&str> = run.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topic_refs)
+        .map_err(|source| ConsumerError::Subscribe {
+            group: group.clone(),
+            topics: run.topics.clone(),
+            source,
+        })?;
+    tracing::info!(group = %group, topics = ?run.topics, max_in_flight = run.config.max_in_flight, "consumer started");
+
+    let (fetched_tx, fetched_rx) = mpsc::channel(run.config.max_in_flight.max(1));
+    let (report_tx, report_rx) = std_mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (thread_done_tx, thread_done_rx) = tokio::sync::oneshot::channel();
+    let poll_loop = PollLoop {
+        consumer,
+        group: group.clone(),
+        tracker,
+        paused,
+        gate: run.gate,
+        max_in_flight: run.config.max_in_flight,
+        drain_timeout: run.drain_timeout,
+        stop: Arc::clone(&stop),
+        metrics: run.metrics.clone(),
+    };
+    std::thread::Builder::new()
+        .name(format!("consumer-{group}"))
+        .spawn(move || {
+            poll_loop.run(fetched_tx, report_rx);
+            let _ = thread_done_tx.send(());
+        })
+        .expect("spawn consumer thread");
+
+    let stopper = tokio::spawn(async move {
+        shutdown.wait().await;
+        stop.store(true, Ordering::Relaxed);
+    });
+    let dispatcher = Dispatcher {
+        handler,
+        running: JoinSet::new(),
+        waiting: HashMap::new(),
+        report_tx,
+        metrics: run.metrics,
+        group: group.clone(),
+    };
+    dispatcher.run(fetched_rx).await;
+    stopper.abort();
+    thread_done_rx
+        .await
+        .map_err(|_| ConsumerError::ThreadLost {
+            group: group.clone(),
+        })?;
+    tracing::info!(group = %group, "consumer stopped");
+    Ok(())
+}
+
+struct PollLoop {
+    consumer: BaseConsumer<RuntimeContext>,
+    group: String,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    paused: Arc<AtomicBool>,
+    gate: FetchGate,
+    max_in_flight: usize,
+    drain_timeout: Duration,
+    stop: Arc<AtomicBool>,
+    metrics: ConsumerMetrics,
+}
+
+impl PollLoop {
+    fn run(
+        self,
+        fetched_tx: mpsc::Sender<(OwnedMessage, InFlight)>,
+        report_rx: std_mpsc::Receiver<Report>,
+    ) {
+        let labels = GroupLabels {
+            group: self.group.clone(),
+        };
+        let mut in_flight = 0usize;
+        let mut draining_since: Option<Instant> = None;
+        loop {
+            in_flight -= self.apply_reports(&report_rx, in_flight);
+            self.metrics
+                .in_flight
+                .get_or_create(&labels)
+                .set(in_flight as i64);
+
+            if self.stop.load(Ordering::Relaxed) && draining_since.is_none() {
+                tracing::info!(group = %self.group, in_flight, drain_timeout = ?self.drain_timeout, "draining");
+                draining_since = Some(Instant::now());
+                self.set_paused(true, None);
+            }
+            if let Some(since) = draining_since {
+                if in_flight == 0 {
+                    break;
+                }
+                if since.elapsed() >= self.drain_timeout {
+                    tracing::warn!(group = %self.group, in_flight, "drain timed out; unfinished records will be consumed again");
+                    break;
+                }
+            } else {
+                let reason = if in_flight >= self.max_in_flight {
+                    Some("window_full")
+                } else if !self.gate.is_open() {
+                    Some("gate_closed")
+                } else {
+                    None
+                };
+                self.set_paused(reason.is_some(), reason);
+            }
+
+            let paused = self.paused.load(Ordering::Relaxed);
+            if paused {
+                // Nothing to fetch: wake on the next completion, and keep serving callbacks.
+                if let Ok(report) = report_rx.recv_timeout(Duration::from_millis(10)) {
+                    in_flight -= self.apply_report(report);
+                }
+            }
+            let poll_timeout = if paused {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(50)
+            };
+            match self.consumer.poll(poll_timeout) {
+                None => {}
+                Some(Ok(message)) => {
+                    let record = self.tracker.lock().expect("tracker lock").begin(
+                        message.topic(),
+                        message.partition(),
+                        message.offset(),
+                    );
+                    in_flight += 1;
+                    self.metrics.records.get_or_create(&labels).inc();
+                    if fetched_tx
+                        .blocking_send((message.detach(), record))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(group = %self.group, error = %error, "consumer error");
+                }
+            }
+        }
+        self.set_paused(true, None);
+        // Completions that raced the exit still count.
+        self.apply_reports(&report_rx, in_flight);
+        commit_stored(&self.consumer, &self.group, &self.metrics);
+        self.metrics.in_flight.get_or_create(&labels).set(0);
+        drop(fetched_tx);
+        // Dropping the consumer closes it: it leaves the group so partitions move at once.
+    }
+
+    /// Applies every queued report; returns how many records left the in-flight window.
+    fn apply_reports(&self, report_rx: &std_mpsc::Receiver<Report>, in_flight: usize) -> usize {
+        let mut left = 0;
+        while left < in_flight {
+            match report_rx.try_recv() {
+                Ok(report) => left += self.apply_report(report),
+                Err(_) => break,
+            }
+        }
+        left
+    }
+
+    fn apply_report(&self, report: Report) -> usize {
+        if let Report::Finished(record) = report {
+            let commit_point = self.tracker.lock().expect("tracker lock").finish(&record);
+            if let Some(offset) = commit_point {
+                let mut offsets = TopicPartitionList::with_capacity(1);
+                let stored = offsets
+                    .add_partition_offset(&record.topic, record.partition, Offset::Offset(offset))
+                    .and_then(|()| self.consumer.store_offsets(&offsets));
+                if let Err(error) = stored {
+                    // The partition was revoked meanwhile; its new owner resumes from the last commit.
+                    tracing::debug!(group = %self.group, topic = %record.topic, partition = record.partition, error = %error, "failed to store offset");
+                }
+            }
+        }
+        1
+    }
+
+    fn set_paused(&self, pause: bool, reason: Option<&'static str>) {
+        if self.paused.load(Ordering::Relaxed) == pause {
+            return;
+        }
+        let assignment = match self.consumer.assignment() {
+            Ok(assignment) => assignment,
+            Err(error) => {
+                tracing::warn!(group = %self.group, error = %error, "cannot read the assignment to pause or resume");
+                return;
+            }
+        };
+        let result = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        if let Err(error) = result {
+            tracing::warn!(group = %self.group, error = %error, pause, "failed to pause or resume fetching");
+            return;
+        }
+        self.paused.store(pause, Ordering::Relaxed);
+        let labels = GroupLabels {
+            group: self.group.clone(),
+        };
+        self.metrics
+            .paused
+            .get_or_create(&labels)
+            .set(i64::from(pause));
+        if let Some(reason) = reason {
+            self.metrics
+                .pauses
+                .get_or_create(&PauseLabels {
+                    group: self.group.clone(),
+                    reason,
+                })
+                .inc();
+        }
+        tracing::debug!(group = %self.group, pause, reason, "fetching paused or resumed");
+    }
+}
+
+type Finished = (Option<Vec<u8>>, InFlight, Disposition);
+
+struct Dispatcher<H: RecordHandler> {
+    handler: Arc<H>,
+    running: JoinSet<Finished>,
+    /// Items waiting behind a running item with the same ordering key. A key present here (even
+    /// with an empty queue) is running.
+    waiting: HashMap<Vec<u8>, VecDeque<(H::Item, InFlight)>>,
+    report_tx: std_mpsc::Sender<Report>,
+    metrics: ConsumerMetrics,
+    group: String,
+}
+
+impl<H: RecordHandler> Dispatcher<H> {
+    async fn run(mut self, mut fetched_rx: mpsc::Receiver<(OwnedMessage, InFlight)>) {
+        loop {
+            tokio::select! {
+                fetched = fetched_rx.recv() => match fetched {
+                    Some((message, record)) => self.accept(message, record),
+                    // The consumer thread exited: after a drain, or at the drain deadline, when
+                    // whatever still runs is abandoned uncommitted.
+                    None => break,
+                },
+                Some(joined) = self.running.join_next(), if !self.running.is_empty() => {
+                    let (key, record, disposition) = joined.expect("handler tasks catch their panics");
+                    self.finish(key, record, disposition);
+                }
+            }
+        }
+        self.running.abort_all();
+    }
+
+    fn accept(&mut self, message: OwnedMessage, record: InFlight) {
+        let item = self.handler.prepare(message);
+        let key = self.handler.ordering_key(&item);
+        if let Some(key) = &key {
+            if let Some(queue) = self.waiting.get_mut(key) {
+                queue.push_back((item, record));
+                return;
+            }
+            self.waiting.insert(key.clone(), VecDeque::new());
+        }
+        self.spawn(key, item, record);
+    }
+
+    fn spawn(&mut self, key: Option<Vec<u8>>, item: H::Item, record: InFlight) {
+        let handler = Arc::clone(&self.handler);
+        let group = self.group.clone();
+        self.running.spawn(async move {
+            let disposition = match AssertUnwindSafe(handler.handle(item)).catch_unwind().await {
+                Ok(disposition) => disposition,
+                Err(_) => {
+                    tracing::error!(group = %group, topic = %record.topic, partition = record.partition, offset = record.offset, "record handler panicked; the record stays uncommitted");
+                    Disposition::Abandon
+                }
+            };
+            (key, record, disposition)
+        });
+    }
+
+    fn finish(&mut self, key: Option<Vec<u8>>, record: InFlight, disposition: Disposition) {
+        let report = match disposition {
+            Disposition::Done => Report::Finished(record),
+            Disposition::Abandon => {
+                self.metrics
+                    .abandoned
+                    .get_or_create(&GroupLabels {
+                        group: self.group.clone(),
+                    })
+                    .inc();
+                Report::Abandoned
+            }
+        };
+        let _ = self.report_tx.send(report);
+        let Some(key) = key else { return };
+        let next = self.waiting.get_mut(&key).and_then(VecDeque::pop_front);
+        match next {
+            Some((item, record)) => self.spawn(Some(key), item, record),
+            None => {
+                self.waiting.remove(&key);
+            }
+        }
+    }
+}

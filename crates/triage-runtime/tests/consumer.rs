@@ -1,0 +1,406 @@
+//! The consumer runtime against the real broker: offsets never pass unfinished work, per-key
+//! ordering, the in-flight window and the fetch gate pause fetching, and shutdown drains.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use rdkafka::{Message, message::OwnedMessage};
+use tokio::sync::Notify;
+use triage_runtime::{
+    config::KafkaConfig,
+    kafka::consumer::{
+        ConsumerConfig, ConsumerMetrics, ConsumerRun, Disposition, FetchGate, RecordHandler, run,
+    },
+    shutdown,
+};
+use triage_test_support::{
+    Stack, TestContext, committed_offset, create_topics, produce, wait_until,
+};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Records every handled offset and what was running at the same time; records whose value is
+/// `hold` wait until `release` is notified.
+#[derive(Default)]
+struct Probe {
+    handled: Mutex<Vec<(String, i64)>>,
+    running: AtomicUsize,
+    max_running: AtomicUsize,
+    hold: Mutex<HashSet<Vec<u8>>>,
+    release: Notify,
+    abandon: std::sync::atomic::AtomicBool,
+    delay: Mutex<HashMap<Vec<u8>, Duration>>,
+}
+
+impl Probe {
+    fn handled_offsets(&self) -> Vec<i64> {
+        self.handled
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, offset)| *offset)
+            .collect()
+    }
+}
+
+struct ProbeHandler(Arc<Probe>);
+
+impl RecordHandler for ProbeHandler {
+    type Item = OwnedMessage;
+
+    fn prepare(&self, record: OwnedMessage) -> OwnedMessage {
+        record
+    }
+
+    fn ordering_key(&self, item: &OwnedMessage) -> Option<Vec<u8>> {
+        item.key().map(<[u8]>::to_vec)
+    }
+
+    async fn handle(&self, item: OwnedMessage) -> Disposition {
+        let probe = &self.0;
+        let now = probe.running.fetch_add(1, Ordering::SeqCst) + 1;
+        probe.max_running.fetch_max(now, Ordering::SeqCst);
+        let value = item.payload().unwrap_or_default().to_vec();
+        let held = probe.hold.lock().unwrap().contains(&value);
+        if held {
+            probe.release.notified().await;
+        }
+        let delay = probe.delay.lock().unwrap().get(&value).copied();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        let key = String::from_utf8_lossy(item.key().unwrap_or_default()).into_owned();
+        probe.handled.lock().unwrap().push((key, item.offset()));
+        probe.running.fetch_sub(1, Ordering::SeqCst);
+        if probe.abandon.load(Ordering::SeqCst) {
+            Disposition::Abandon
+        } else {
+            Disposition::Done
+        }
+    }
+}
+
+struct Running {
+    trigger: shutdown::Trigger,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.trigger.fire();
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("consumer stops")
+            .unwrap();
+    }
+}
+
+fn start(
+    context: &TestContext,
+    config: ConsumerConfig,
+    probe: &Arc<Probe>,
+    gate: FetchGate,
+    drain_timeout: Duration,
+) -> Running {
+    let (trigger, shutdown) = shutdown::channel();
+    let topic = context.topics.inference_tasks.clone();
+    let handler = Arc::new(ProbeHandler(Arc::clone(probe)));
+    let task = tokio::spawn(async move {
+        let kafka = KafkaConfig {
+            bootstrap_servers: Stack::get().kafka_bootstrap.clone(),
+            ..Default::default()
+        };
+        let consumer_run = ConsumerRun {
+            kafka: &kafka,
+            config: &config,
+            topics: vec![topic],
+            gate,
+            metrics: ConsumerMetrics::default(),
+            drain_timeout,
+        };
+        run(consumer_run, handler, shutdown)
+            .await
+            .expect("consumer runs");
+    });
+    Running { trigger, task }
+}
+
+fn records(count: usize, key: impl Fn(usize) -> String) -> Vec<(String, Vec<u8>)> {
+    (0..count)
+        .map(|i| (key(i), format!("v{i}").into_bytes()))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_committed_offset_is_the_lowest_unfinished_one() {
+    let context = TestContext::new("lowest-unfinished");
+    create_topics(&[&context.topics.inference_tasks], 1).await;
+    let topic = &context.topics.inference_tasks;
+    produce(topic, Some(0), &records(20, |i| format!("k{i}"))).await;
+
+    let probe = Arc::new(Probe::default());
+    probe.hold.lock().unwrap().insert(b"v5".to_vec());
+    let group = context.group("worker");
+    let config = ConsumerConfig {
+        commit_interval: Duration::from_millis(100),
+        ..ConsumerConfig::for_group(&group)
+    };
+    let consumer = start(&context, config, &probe, FetchGate::default(), DEADLINE);
+
+    wait_until("19 records handled", DEADLINE, || async {
+        (probe.handled_offsets().len() == 19).then_some(())
+    })
+    .await;
+    // Offsets 6..=19 finished, 5 did not: the group may resume from 5 and no later. Give the
+    // auto-commit several intervals to (wrongly) commit more before checking.
+    wait_until("offset 5 committed", DEADLINE, || async {
+        (committed_offset(&group, topic, 0) == Some(5)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(committed_offset(&group, topic, 0), Some(5));
+
+    probe.release.notify_one();
+    wait_until("offset 20 committed", DEADLINE, || async {
+        (committed_offset(&group, topic, 0) == Some(20)).then_some(())
+    })
+    .await;
+    consumer.stop().await;
+}
+
+#[tokio::test]
+async fn records_of_one_key_run_in_order_and_keys_run_concurrently() {
+    let context = TestContext::new("ordering");
+    create_topics(&[&context.topics.inference_tasks], 2).await;
+    let topic = &context.topics.inference_tasks;
+    // Interleaved keys on one partition; early records of each key are the slowest.
+    let batch = records(30, |i| format!("ticket-{}", i % 3));
+    let probe = Arc::new(Probe::default());
+    for (i, (_, value)) in batch.iter().enumerate() {
+        let delay = Duration::from_millis(if i < 6 { 150 } else { 5 });
+        probe.delay.lock().unwrap().insert(value.clone(), delay);
+    }
+    produce(topic, Some(0), &batch).await;
+    let group = context.group("worker");
+    let consumer = start(
+        &context,
+        ConsumerConfig::for_group(&group),
+        &probe,
+        FetchGate::default(),
+        DEADLINE,
+    );
+
+    wait_until("30 records handled", DEADLINE, || async {
+        (probe.handled_offsets().len() == 30).then_some(())
+    })
+    .await;
+    let handled = probe.handled.lock().unwrap().clone();
+    for key in ["ticket-0", "ticket-1", "ticket-2"] {
+        let offsets: Vec<i64> = handled
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, o)| *o)
+            .collect();
+        let mut sorted = offsets.clone();
+        sorted.sort_unstable();
+        assert_eq!(offsets, sorted, "{key} handled out of order");
+    }
+    assert_eq!(
+        probe.max_running.load(Ordering::SeqCst),
+        3,
+        "one at a time per key, keys concurrently"
+    );
+    consumer.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_window_and_a_closed_gate_pause_fetching() {
+    let context = TestContext::new("window");
+    create_topics(&[&context.topics.inference_tasks], 3).await;
+    let topic = &context.topics.inference_tasks;
+    let batch = records(40, |i| format!("k{i}"));
+    let probe = Arc::new(Probe::default());
+    probe
+        .hold
+        .lock()
+        .unwrap()
+        .extend(batch.iter().map(|(_, v)| v.clone()));
+    produce(topic, None, &batch).await;
+    let gate = FetchGate::default();
+    let group = context.group("worker");
+    let config = ConsumerConfig {
+        max_in_flight: 4,
+        ..ConsumerConfig::for_group(&group)
+    };
+    let consumer = start(&context, config, &probe, gate.clone(), DEADLINE);
+
+    wait_until("the window filled", DEADLINE, || async {
+        (probe.running.load(Ordering::SeqCst) == 4).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        probe.max_running.load(Ordering::SeqCst),
+        4,
+        "never more than max_in_flight"
+    );
+
+    // Close the gate, then free the window: nothing new may be fetched while it is closed.
+    gate.close();
+    probe.hold.lock().unwrap().clear();
+    probe.release.notify_waiters();
+    wait_until("the window drained", DEADLINE, || async {
+        (probe.handled_offsets().len() == 4).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        probe.handled_offsets().len(),
+        4,
+        "records were fetched through a closed gate"
+    );
+
+    gate.open();
+    wait_until("all records handled", DEADLINE, || async {
+        (probe.handled_offsets().len() == 40).then_some(())
+    })
+    .await;
+    assert_eq!(probe.max_running.load(Ordering::SeqCst), 4);
+    consumer.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_work_and_commits_it() {
+    let context = TestContext::new("drain");
+    create_topics(&[&context.topics.inference_tasks], 1).await;
+    let topic = &context.topics.inference_tasks;
+    let batch = records(8, |i| format!("k{i}"));
+    let probe = Arc::new(Probe::default());
+    for (_, value) in &batch {
+        probe
+            .delay
+            .lock()
+            .unwrap()
+            .insert(value.clone(), Duration::from_millis(400));
+    }
+    produce(topic, Some(0), &batch).await;
+    let group = context.group("worker");
+    let consumer = start(
+        &context,
+        ConsumerConfig::for_group(&group),
+        &probe,
+        FetchGate::default(),
+        DEADLINE,
+    );
+    wait_until("all eight in flight", DEADLINE, || async {
+        (probe.running.load(Ordering::SeqCst) == 8).then_some(())
+    })
+    .await;
+    consumer.stop().await;
+    assert_eq!(
+        probe.handled_offsets().len(),
+        8,
+        "in-flight work finished before exit"
+    );
+    assert_eq!(committed_offset(&group, topic, 0), Some(8));
+}
+
+#[tokio::test]
+async fn abandoned_records_are_not_committed_and_are_consumed_again() {
+    let context = TestContext::new("abandon");
+    create_topics(&[&context.topics.inference_tasks], 1).await;
+    let topic = &context.topics.inference_tasks;
+    produce(topic, Some(0), &records(5, |i| format!("k{i}"))).await;
+    let group = context.group("worker");
+
+    let first = Arc::new(Probe::default());
+    first.abandon.store(true, Ordering::SeqCst);
+    let consumer = start(
+        &context,
+        ConsumerConfig::for_group(&group),
+        &first,
+        FetchGate::default(),
+        DEADLINE,
+    );
+    wait_until("five handled", DEADLINE, || async {
+        (first.handled_offsets().len() == 5).then_some(())
+    })
+    .await;
+    consumer.stop().await;
+    assert_eq!(committed_offset(&group, topic, 0), None);
+
+    let second = Arc::new(Probe::default());
+    let consumer = start(
+        &context,
+        ConsumerConfig::for_group(&group),
+        &second,
+        FetchGate::default(),
+        DEADLINE,
+    );
+    wait_until("five handled again", DEADLINE, || async {
+        (second.handled_offsets().len() == 5).then_some(())
+    })
+    .await;
+    consumer.stop().await;
+    assert_eq!(committed_offset(&group, topic, 0), Some(5));
+}
+
+#[tokio::test]
+async fn a_second_consumer_joining_loses_and_commits_nothing_twice() {
+    let context = TestContext::new("rebalance");
+    create_topics(&[&context.topics.inference_tasks], 4).await;
+    let topic = &context.topics.inference_tasks;
+    let group = context.group("worker");
+    let probe = Arc::new(Probe::default());
+    let batch = records(200, |i| format!("k{i}"));
+    for (_, value) in &batch {
+        probe
+            .delay
+            .lock()
+            .unwrap()
+            .insert(value.clone(), Duration::from_millis(20));
+    }
+    let config = ConsumerConfig {
+        max_in_flight: 8,
+        ..ConsumerConfig::for_group(&group)
+    };
+    let first = start(
+        &context,
+        config.clone(),
+        &probe,
+        FetchGate::default(),
+        DEADLINE,
+    );
+    produce(topic, None, &batch[..100]).await;
+    wait_until("some records handled", DEADLINE, || async {
+        (probe.handled_offsets().len() >= 20).then_some(())
+    })
+    .await;
+    let second = start(&context, config, &probe, FetchGate::default(), DEADLINE);
+    produce(topic, None, &batch[100..]).await;
+
+    // Every record is handled at least once; re-deliveries after the rebalance are allowed
+    // (at-least-once), losses are not; and the final commits cover everything.
+    wait_until(
+        "all 200 distinct records handled",
+        Duration::from_secs(60),
+        || async {
+            let handled = probe.handled.lock().unwrap();
+            let distinct: HashSet<_> = handled.iter().collect();
+            (distinct.len() == 200).then_some(())
+        },
+    )
+    .await;
+    first.stop().await;
+    second.stop().await;
+    let committed: i64 = (0..4)
+        .filter_map(|p| committed_offset(&group, topic, p))
+        .sum();
+    assert_eq!(committed, 200);
+}
