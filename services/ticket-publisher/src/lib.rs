@@ -1,18 +1,202 @@
 //! ticket-publisher: HTTP and gRPC ticket ingress onto `events.tickets.created`, and the transactional dispatch stage that renders each ticket into an `InferenceTask`.
+//!
+//! # Layout
+//! - [`config`]: the service's configuration (`ingress`, `auth`, `redis`, `dispatch`).
+//! - [`ticket`]: request decoding and validation, shared by both transports.
+//! - [`error`]: the one error type, as problem+json and as `tonic::Status`.
+//! - [`auth`]: API keys (hashed, constant-time) → tenant.
+//! - [`idempotency`]: the `Idempotency-Key` store in Redis.
+//! - [`ingress`]: the shared publish path, the axum router ([`ingress::http`]) and the tonic
+//!   service ([`ingress::grpc`]).
+//! - [`dispatch`]: events → tasks in Kafka transactions, and the prompt rendering
+//!   ([`dispatch::render`]).
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod idempotency;
+pub mod ingress;
+pub mod ticket;
 
-use triage_runtime::{metrics::MetricsRegistry, service, shutdown::Shutdown};
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context as _;
+use tokio::{net::TcpListener, task::JoinSet};
+use triage_proto::ContentType;
+use triage_runtime::{
+    admin_http::ReadinessCheck,
+    kafka::{
+        admin::{TopicSpec, ensure_topics},
+        producer::ContractProducer,
+    },
+    metrics::MetricsRegistry,
+    service,
+    shutdown::Shutdown,
+};
 
 pub use config::Config;
 
+use crate::{
+    auth::ApiKeys,
+    dispatch::{DispatchMetrics, Dispatcher},
+    idempotency::{IdempotencyStore, RedisReadiness},
+    ingress::{Ingress, IngressMetrics},
+};
+
 pub const SERVICE: &str = "ticket-publisher";
+
+/// Builds the ingress core from configuration: producer, keys, Redis store.
+pub fn build_ingress(config: &Config, metrics: IngressMetrics) -> anyhow::Result<Ingress> {
+    let producer = ContractProducer::new(
+        &config.kafka,
+        SERVICE,
+        ContentType::Protobuf,
+        config.ingress.delivery_timeout,
+    )
+    .context("failed to create the ingress producer")?;
+    let keys = ApiKeys::load(&config.auth).context("failed to load API keys")?;
+    if keys.is_empty() {
+        tracing::warn!("no API keys configured; every ticket will be refused with 401");
+    }
+    let store = IdempotencyStore::new(&config.redis, config.ingress.idempotency_ttl)
+        .context("failed to create the Redis client")?;
+    Ok(Ingress::new(
+        &config.ingress,
+        config.topics.tickets_created.clone(),
+        producer,
+        keys,
+        store,
+        metrics,
+    ))
+}
+
+/// Serves the HTTP API and the gRPC service on already bound listeners until `shutdown`.
+pub fn spawn_ingress(
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    ingress: Ingress,
+    http_listener: TcpListener,
+    grpc_listener: TcpListener,
+    shutdown: Shutdown,
+) {
+    let router = ingress::http::router(ingress.clone());
+    let mut http_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        axum::serve(http_listener, router)
+            .with_graceful_shutdown(async move { http_shutdown.wait().await })
+            .await
+            .context("HTTP ingress failed")
+    });
+    let mut grpc_shutdown = shutdown;
+    tasks.spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(ingress::grpc::service(ingress))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                async move { grpc_shutdown.wait().await },
+            )
+            .await
+            .context("gRPC ingress failed")
+    });
+}
+
+async fn bind(address: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("failed to bind the {what} to {address}"))
+}
 
 /// Runs the service until `shutdown` fires.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    let metrics = MetricsRegistry::new(SERVICE).freeze();
-    service::serve_admin_until_shutdown(SERVICE, &config.admin, &config.kafka, metrics, shutdown)
-        .await
+    let config = Arc::new(config);
+    if config.topic_provisioning.enabled {
+        let specs = TopicSpec::pipeline(&config.topics, &config.topic_provisioning);
+        ensure_topics(&config.kafka, &specs)
+            .await
+            .context("failed to provision the pipeline's topics")?;
+    }
+    let mut registry = MetricsRegistry::new(SERVICE);
+    let ingress_metrics = IngressMetrics::register(registry.registry_mut());
+    let dispatch_metrics = DispatchMetrics::register(registry.registry_mut());
+
+    let mut checks: Vec<Box<dyn ReadinessCheck>> = Vec::new();
+    let mut tasks = JoinSet::new();
+    if config.ingress.enabled {
+        let ingress = build_ingress(&config, ingress_metrics)?;
+        let store = IdempotencyStore::new(&config.redis, config.ingress.idempotency_ttl)?;
+        checks.push(Box::new(RedisReadiness(store)));
+        let http_listener = bind(config.ingress.http_listen, "HTTP ingress").await?;
+        let grpc_listener = bind(config.ingress.grpc_listen, "gRPC ingress").await?;
+        tracing::info!(
+            http = %http_listener.local_addr()?,
+            grpc = %grpc_listener.local_addr()?,
+            "ingress listening"
+        );
+        spawn_ingress(
+            &mut tasks,
+            ingress,
+            http_listener,
+            grpc_listener,
+            shutdown.clone(),
+        );
+    }
+    if config.dispatch.enabled {
+        let dispatcher = Dispatcher::start(Arc::clone(&config), dispatch_metrics)
+            .await
+            .context("failed to start the dispatch stage")?;
+        let dispatch_shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            dispatcher
+                .run(dispatch_shutdown)
+                .await
+                .context("dispatch stage failed")
+        });
+    }
+    let admin = service::start_admin(
+        SERVICE,
+        &config.admin,
+        &config.kafka,
+        registry.freeze(),
+        checks,
+        shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(
+        service = SERVICE,
+        ingress = config.ingress.enabled,
+        dispatch = config.dispatch.enabled,
+        "started"
+    );
+
+    let mut waiting = shutdown.clone();
+    let outcome = tokio::select! {
+        () = waiting.wait() => Ok(()),
+        Some(joined) = tasks.join_next() => {
+            // A part stopped before shutdown was asked for: that is a failure.
+            match joined {
+                Ok(Ok(())) => Err(anyhow::anyhow!("a stage stopped unexpectedly")),
+                Ok(Err(error)) => Err(error),
+                Err(panic) => Err(anyhow::anyhow!("a stage panicked: {panic}")),
+            }
+        }
+    };
+    let drained = tokio::time::timeout(config.admin.drain_timeout, async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok(Err(error)) = joined {
+                tracing::warn!(error = format!("{error:#}"), "stage stopped with an error");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(timeout = ?config.admin.drain_timeout, "drain deadline passed; stopping anyway");
+        tasks.abort_all();
+    }
+    if outcome.is_err() {
+        return outcome;
+    }
+    admin.task.await??;
+    Ok(())
 }

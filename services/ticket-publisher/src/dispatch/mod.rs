@@ -1,0 +1,478 @@
+//! The dispatch stage: `events.tickets.created` → `tasks.llm.inference`, exactly once.
+//!
+//! This is the one file that decides when the stage's offsets are committed. Each batch is one
+//! Kafka transaction:
+//!
+//! ```text
+//!   idle ──first record──▶ filling (≤ batch_max_records, ≤ batch_max_wait)
+//!        ──▶ begin_transaction ─▶ produce every task / dead letter ─▶ await acknowledgements
+//!        ──▶ send_offsets_to_transaction(next offset per partition, group metadata)
+//!        ──▶ commit_transaction ──▶ idle
+//!   any error ──▶ abort_transaction ─▶ seek every partition back to its committed offset ─▶ idle
+//!   fatal error (fenced by a newer replica) ──▶ stop with an error
+//! ```
+//!
+//! The tasks and the consumer offsets become visible together, so a read-committed consumer of
+//! `tasks.llm.inference` sees exactly one task per event whatever crashes in between: a replica
+//! killed mid-batch leaves an open transaction that its successor (same `transactional.id`)
+//! aborts in `init_transactions`, and the successor resumes from the last committed offsets.
+//!
+//! Records that cannot be decoded, or that break the contract, become `DeadLetter`s on
+//! `topics.dead_letters` inside the same transaction; the stage never stops on them.
+
+pub mod render;
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use opentelemetry::trace::TraceContextExt;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use rdkafka::{
+    Message, Offset, TopicPartitionList,
+    consumer::{Consumer, StreamConsumer},
+    error::KafkaError,
+    message::{OwnedHeaders, OwnedMessage},
+    producer::{FutureProducer, FutureRecord, Producer},
+};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use triage_proto::{
+    ContentType,
+    v1::{DeadLetter, ErrorClass, InferenceTask, TicketCreated},
+};
+use triage_runtime::{kafka::headers, shutdown::Shutdown};
+
+use crate::{SERVICE, config::Config};
+
+/// How long one transactional call (init, commit, abort, offsets) may block.
+const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the stage stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("could not create the Kafka {role} client: {source}")]
+    Client {
+        role: &'static str,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("could not subscribe to {topic}: {source}")]
+    Subscribe {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("could not initialise transactions (transactional.id {transactional_id}): {source}")]
+    Init {
+        transactional_id: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("transactional producer failed fatally (fenced by a newer replica?): {0}")]
+    Fatal(#[source] KafkaError),
+    #[error("could not abort a failed transaction: {0}")]
+    Abort(#[source] KafkaError),
+    #[error("could not rewind to the committed offsets: {0}")]
+    Rewind(#[source] KafkaError),
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// Dispatch metrics, named once here.
+#[derive(Clone, Default)]
+pub struct DispatchMetrics {
+    records: Family<OutcomeLabels, Counter>,
+    transactions: Family<OutcomeLabels, Counter>,
+}
+
+impl DispatchMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = DispatchMetrics::default();
+        registry.register(
+            "dispatch_records",
+            "Ticket events handled by the dispatch stage, by outcome (task, dead_letter), counted when their transaction committed",
+            metrics.records.clone(),
+        );
+        registry.register(
+            "dispatch_transactions",
+            "Dispatch transactions, by outcome (committed, aborted)",
+            metrics.transactions.clone(),
+        );
+        metrics
+    }
+}
+
+/// One record to produce inside the batch's transaction.
+struct Outbound {
+    topic: String,
+    key: Vec<u8>,
+    payload: Vec<u8>,
+    headers: OwnedHeaders,
+    is_task: bool,
+}
+
+/// The running stage's clients and settings.
+pub struct Dispatcher {
+    consumer: Arc<StreamConsumer>,
+    producer: FutureProducer,
+    config: Arc<Config>,
+    metrics: DispatchMetrics,
+}
+
+impl Dispatcher {
+    /// Creates the clients, subscribes, and fences any previous incarnation of this replica
+    /// (`init_transactions` aborts its open transaction).
+    pub async fn start(
+        config: Arc<Config>,
+        metrics: DispatchMetrics,
+    ) -> Result<Self, DispatchError> {
+        let dispatch = &config.dispatch;
+        let transactional_id = dispatch.full_transactional_id();
+        let replica = transactional_id
+            .strip_prefix(&format!("{}-", dispatch.transactional_id))
+            .unwrap_or(&transactional_id)
+            .to_owned();
+        let consumer: StreamConsumer = config
+            .kafka
+            .consumer_config("dispatch-consumer", &dispatch.group_id)
+            // Static membership: a restarted replica takes its partitions back at once instead
+            // of waiting for its dead predecessor's session to time out.
+            .set("group.instance.id", &replica)
+            .create()
+            .map_err(|source| DispatchError::Client {
+                role: "dispatch consumer",
+                source,
+            })?;
+        consumer
+            .subscribe(&[&config.topics.tickets_created])
+            .map_err(|source| DispatchError::Subscribe {
+                topic: config.topics.tickets_created.clone(),
+                source,
+            })?;
+        let producer: FutureProducer = config
+            .kafka
+            .producer_config("dispatch-producer")
+            .set("transactional.id", &transactional_id)
+            .set(
+                "transaction.timeout.ms",
+                dispatch.transaction_timeout.as_millis().to_string(),
+            )
+            .set("linger.ms", "5")
+            .create()
+            .map_err(|source| DispatchError::Client {
+                role: "dispatch producer",
+                source,
+            })?;
+        let init_producer = producer.clone();
+        blocking(move || init_producer.init_transactions(TXN_CALL_TIMEOUT))
+            .await
+            .map_err(|source| DispatchError::Init {
+                transactional_id: transactional_id.clone(),
+                source,
+            })?;
+        tracing::info!(
+            transactional_id = %transactional_id,
+            group_id = %dispatch.group_id,
+            topic = %config.topics.tickets_created,
+            "dispatch stage started"
+        );
+        Ok(Dispatcher {
+            consumer: Arc::new(consumer),
+            producer,
+            config,
+            metrics,
+        })
+    }
+
+    /// Dispatches batches until `shutdown`; a batch in progress is finished first.
+    pub async fn run(self, mut shutdown: Shutdown) -> Result<(), DispatchError> {
+        let max_records = self.config.dispatch.batch_max_records;
+        let max_wait = self.config.dispatch.batch_max_wait;
+        loop {
+            let first = tokio::select! {
+                biased;
+                () = shutdown.wait() => break,
+                received = self.consumer.recv() => received,
+            };
+            let first = match first {
+                Ok(message) => message.detach(),
+                Err(error) => {
+                    tracing::warn!(error = %error, "dispatch consumer error");
+                    continue;
+                }
+            };
+            let mut batch = Vec::with_capacity(max_records.min(1024));
+            batch.push(first);
+            let deadline = tokio::time::Instant::now() + max_wait;
+            while batch.len() < max_records {
+                match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                    Ok(Ok(message)) => batch.push(message.detach()),
+                    Ok(Err(error)) => {
+                        tracing::warn!(error = %error, "dispatch consumer error");
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.handle(batch).await?;
+        }
+        tracing::info!("dispatch stage stopped");
+        Ok(())
+    }
+
+    /// Runs one batch as a transaction; on failure aborts and rewinds so the batch is read again.
+    async fn handle(&self, batch: Vec<OwnedMessage>) -> Result<(), DispatchError> {
+        let started = Instant::now();
+        match self.transact(&batch).await {
+            Ok((tasks, dead_letters)) => {
+                self.count("committed", tasks, dead_letters);
+                tracing::debug!(
+                    records = batch.len(),
+                    tasks,
+                    dead_letters,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "dispatch transaction committed"
+                );
+                Ok(())
+            }
+            Err(error) => {
+                self.metrics
+                    .transactions
+                    .get_or_create(&OutcomeLabels { outcome: "aborted" })
+                    .inc();
+                if let KafkaError::Transaction(rd_error) = &error
+                    && rd_error.is_fatal()
+                {
+                    return Err(DispatchError::Fatal(error));
+                }
+                tracing::warn!(error = %error, records = batch.len(), "dispatch transaction failed; aborting and rewinding");
+                let producer = self.producer.clone();
+                blocking(move || producer.abort_transaction(TXN_CALL_TIMEOUT))
+                    .await
+                    .map_err(DispatchError::Abort)?;
+                self.rewind().await
+            }
+        }
+    }
+
+    fn count(&self, outcome: &'static str, tasks: u64, dead_letters: u64) {
+        self.metrics
+            .transactions
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        self.metrics
+            .records
+            .get_or_create(&OutcomeLabels { outcome: "task" })
+            .inc_by(tasks);
+        self.metrics
+            .records
+            .get_or_create(&OutcomeLabels {
+                outcome: "dead_letter",
+            })
+            .inc_by(dead_letters);
+    }
+
+    async fn transact(&self, batch: &[OwnedMessage]) -> Result<(u64, u64), KafkaError> {
+        let producer = self.producer.clone();
+        blocking(move || producer.begin_transaction()).await?;
+        let mut deliveries = Vec::with_capacity(batch.len());
+        let (mut tasks, mut dead_letters) = (0u64, 0u64);
+        let mut next_offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        for message in batch {
+            let outbound = route(message, &self.config);
+            if outbound.is_task {
+                tasks += 1;
+            } else {
+                dead_letters += 1;
+            }
+            let record = FutureRecord::to(&outbound.topic)
+                .key(&outbound.key)
+                .payload(&outbound.payload)
+                .headers(outbound.headers);
+            let delivery = self
+                .producer
+                .send_result(record)
+                .map_err(|(error, _)| error)?;
+            deliveries.push(delivery);
+            let next = next_offsets
+                .entry((message.topic(), message.partition()))
+                .or_insert(0);
+            *next = (*next).max(message.offset() + 1);
+        }
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((error, _))) => return Err(error),
+                Err(_) => return Err(KafkaError::Canceled),
+            }
+        }
+        let mut offsets = TopicPartitionList::with_capacity(next_offsets.len());
+        for ((topic, partition), next) in next_offsets {
+            offsets.add_partition_offset(topic, partition, Offset::Offset(next))?;
+        }
+        let group = self
+            .consumer
+            .group_metadata()
+            .ok_or(KafkaError::Global(rdkafka::types::RDKafkaErrorCode::State))?;
+        let producer = self.producer.clone();
+        blocking(move || {
+            producer.send_offsets_to_transaction(&offsets, &group, TXN_CALL_TIMEOUT)?;
+            producer.commit_transaction(TXN_CALL_TIMEOUT)
+        })
+        .await?;
+        Ok((tasks, dead_letters))
+    }
+
+    /// Seeks every assigned partition back to its committed offset, so the aborted batch is
+    /// read again (prefetched records of those partitions are dropped by the seek).
+    async fn rewind(&self) -> Result<(), DispatchError> {
+        let consumer = Arc::clone(&self.consumer);
+        blocking(move || {
+            let committed = consumer.committed(TXN_CALL_TIMEOUT)?;
+            let mut positions = TopicPartitionList::with_capacity(committed.count());
+            for element in committed.elements() {
+                let offset = match element.offset() {
+                    Offset::Offset(offset) => Offset::Offset(offset),
+                    _ => Offset::Beginning,
+                };
+                positions.add_partition_offset(element.topic(), element.partition(), offset)?;
+            }
+            if positions.count() > 0 {
+                consumer.seek_partitions(positions, TXN_CALL_TIMEOUT)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(DispatchError::Rewind)
+    }
+}
+
+/// Decides what one event becomes: a task keyed by tenant, or a dead letter keyed by ticket.
+fn route(message: &OwnedMessage, config: &Config) -> Outbound {
+    let record_headers = message.headers();
+    let parent = headers::extract_trace_context(record_headers);
+    let span = tracing::debug_span!(
+        "dispatch",
+        topic = message.topic(),
+        partition = message.partition(),
+        offset = message.offset()
+    );
+    let _ = span.set_parent(parent.clone());
+    let _entered = span.enter();
+    // Without an exporting subscriber the span has no valid context; the event's own trace
+    // context is then passed on unchanged, so the trace still joins up downstream.
+    let span_context = span.context();
+    let trace = if span_context.span().span_context().is_valid() {
+        span_context
+    } else {
+        parent
+    };
+    let content_type = headers::get_str(record_headers, headers::CONTENT_TYPE);
+    let payload = message.payload().unwrap_or_default();
+    let event = match triage_proto::decode::<TicketCreated>(payload, content_type) {
+        Ok(event) => event,
+        Err(error) => {
+            tracing::debug!(error = %error, "undecodable ticket event");
+            return dead_letter(
+                message,
+                config,
+                ErrorClass::Decode,
+                error.to_string(),
+                None,
+                &trace,
+            );
+        }
+    };
+    if let Err(error) = render::check(&event) {
+        tracing::debug!(error = %error, "invalid ticket event");
+        return dead_letter(
+            message,
+            config,
+            ErrorClass::InvalidEvent,
+            error.to_string(),
+            Some(&event),
+            &trace,
+        );
+    }
+    let record_time = message
+        .timestamp()
+        .to_millis()
+        .filter(|millis| *millis > 0)
+        .map(|millis| UNIX_EPOCH + Duration::from_millis(millis as u64));
+    let task: InferenceTask = render::render(&event, &config.dispatch.prompt, record_time);
+    Outbound {
+        topic: config.topics.inference_tasks.clone(),
+        key: task.tenant_id.clone().into_bytes(),
+        payload: triage_proto::encode(&task, ContentType::Protobuf),
+        headers: headers::for_message::<InferenceTask>(SERVICE, ContentType::Protobuf, &trace),
+        is_task: true,
+    }
+}
+
+fn dead_letter(
+    message: &OwnedMessage,
+    config: &Config,
+    error_class: ErrorClass,
+    error_message: String,
+    event: Option<&TicketCreated>,
+    trace: &opentelemetry::Context,
+) -> Outbound {
+    let record_headers = message.headers();
+    let now = triage_proto::timestamp(SystemTime::now());
+    let ticket_id = event.map(|e| e.ticket_id.clone()).unwrap_or_default();
+    let key = if ticket_id.is_empty() {
+        message.key().unwrap_or_default().to_vec()
+    } else {
+        ticket_id.clone().into_bytes()
+    };
+    let envelope = DeadLetter {
+        id: uuid::Uuid::now_v7().to_string(),
+        original_key: message.key().unwrap_or_default().to_vec(),
+        original_value: message.payload().unwrap_or_default().to_vec(),
+        original_headers: headers::to_record_headers(record_headers.map(|h| h.as_borrowed())),
+        source_topic: message.topic().to_owned(),
+        source_partition: message.partition(),
+        source_offset: message.offset(),
+        error_class: error_class as i32,
+        error_message,
+        attempts: 1,
+        first_failure_at: Some(now),
+        last_failure_at: Some(now),
+        failed_service: SERVICE.into(),
+        traceparent: headers::get_str(record_headers, headers::TRACEPARENT)
+            .unwrap_or_default()
+            .to_owned(),
+        tracestate: headers::get_str(record_headers, headers::TRACESTATE)
+            .unwrap_or_default()
+            .to_owned(),
+        ticket_id,
+        tenant_id: event.map(|e| e.tenant_id.clone()).unwrap_or_default(),
+    };
+    Outbound {
+        topic: config.topics.dead_letters.clone(),
+        key,
+        payload: triage_proto::encode(&envelope, ContentType::Protobuf),
+        headers: headers::for_message::<DeadLetter>(SERVICE, ContentType::Protobuf, trace),
+        is_task: false,
+    }
+}
+
+/// Runs a blocking librdkafka call off the async workers.
+async fn blocking<T, F>(call: F) -> Result<T, KafkaError>
+where
+    F: FnOnce() -> Result<T, KafkaError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(call)
+        .await
+        .unwrap_or(Err(KafkaError::Canceled))
+}

@@ -1,0 +1,206 @@
+//! The `Idempotency-Key` store in Redis.
+//!
+//! A request with a key first claims it with `SET NX` of an in-progress marker (so a concurrent
+//! duplicate cannot write a second record), then replaces the marker with its answer, kept for
+//! the configured TTL. A retry finds the answer and gets it back without touching Kafka. A claim
+//! whose request failed retryably (503) is released, so the retry may try again. The claim
+//! expires on its own if the process dies between claim and answer.
+//!
+//! Each stored value carries a fingerprint of the request, so a key reused for a different
+//! request is refused rather than answered with someone else's ticket.
+
+use std::{sync::Arc, time::Duration};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+
+use crate::config::RedisConfig;
+
+/// How long an in-progress claim lives: longer than any request may take.
+const CLAIM_TTL: Duration = Duration::from_secs(60);
+/// Longest key a caller may send (it becomes part of a Redis key).
+pub const MAX_KEY_CHARS: usize = 255;
+
+/// Why the store could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("stored answer is corrupt: {0}")]
+    Corrupt(#[from] serde_json::Error),
+}
+
+/// The first answer to a key: HTTP status and JSON body, plus the request's fingerprint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StoredAnswer {
+    pub fingerprint: String,
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+enum Entry {
+    InProgress { fingerprint: String },
+    Done(StoredAnswer),
+}
+
+/// What claiming a key found.
+#[derive(Debug, PartialEq)]
+pub enum Claim {
+    /// The key is ours; answer, then [`IdempotencyStore::complete`] or
+    /// [`IdempotencyStore::release`].
+    Claimed,
+    /// Another request with this key is still running.
+    InProgress,
+    /// The key was answered before; here is that answer.
+    Answered(StoredAnswer),
+    /// The key was used for a different request.
+    Mismatch,
+}
+
+/// A lazily connected, self-reconnecting Redis handle. The ingress starts and serves requests
+/// without an `Idempotency-Key` while Redis is down.
+#[derive(Clone)]
+pub struct IdempotencyStore {
+    client: redis::Client,
+    connection: Arc<Mutex<Option<ConnectionManager>>>,
+    prefix: String,
+    timeout: Duration,
+    ttl: Duration,
+}
+
+impl IdempotencyStore {
+    pub fn new(config: &RedisConfig, ttl: Duration) -> Result<Self, redis::RedisError> {
+        Ok(IdempotencyStore {
+            client: redis::Client::open(config.url.expose())?,
+            connection: Arc::new(Mutex::new(None)),
+            prefix: format!("{}idem:", config.key_prefix),
+            timeout: config.timeout,
+            ttl,
+        })
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            return Ok(connection.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(self.timeout)
+            .set_response_timeout(self.timeout)
+            .set_number_of_retries(1);
+        let connection = tokio::time::timeout(
+            self.timeout * 2,
+            self.client.get_connection_manager_with_config(config),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout(self.timeout))??;
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, command: redis::Cmd) -> Result<T, StoreError> {
+        let mut connection = self.connection().await?;
+        tokio::time::timeout(self.timeout, command.query_async(&mut connection))
+            .await
+            .map_err(|_| StoreError::Timeout(self.timeout))?
+            .map_err(StoreError::from)
+    }
+
+    fn redis_key(&self, tenant: &str, key: &str) -> String {
+        format!("{}{tenant}:{key}", self.prefix)
+    }
+
+    /// Claims `key` for `tenant`'s request with `fingerprint`.
+    pub async fn claim(
+        &self,
+        tenant: &str,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<Claim, StoreError> {
+        let redis_key = self.redis_key(tenant, key);
+        let marker = serde_json::to_string(&Entry::InProgress {
+            fingerprint: fingerprint.to_owned(),
+        })?;
+        let mut set = redis::cmd("SET");
+        set.arg(&redis_key)
+            .arg(marker)
+            .arg("NX")
+            .arg("PX")
+            .arg(CLAIM_TTL.as_millis() as u64);
+        let claimed: Option<String> = self.run(set).await?;
+        if claimed.is_some() {
+            return Ok(Claim::Claimed);
+        }
+        let mut get = redis::cmd("GET");
+        get.arg(&redis_key);
+        let existing: Option<String> = self.run(get).await?;
+        let Some(existing) = existing else {
+            // Expired between SET and GET: nobody holds it now, so this request may have it.
+            return Box::pin(self.claim(tenant, key, fingerprint)).await;
+        };
+        match serde_json::from_str::<Entry>(&existing)? {
+            Entry::InProgress { fingerprint: other } if other == fingerprint => {
+                Ok(Claim::InProgress)
+            }
+            Entry::Done(answer) if answer.fingerprint == fingerprint => Ok(Claim::Answered(answer)),
+            _ => Ok(Claim::Mismatch),
+        }
+    }
+
+    /// Replaces the claim with the answer, kept for the TTL.
+    pub async fn complete(
+        &self,
+        tenant: &str,
+        key: &str,
+        answer: StoredAnswer,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_string(&Entry::Done(answer))?;
+        let mut set = redis::cmd("SET");
+        set.arg(self.redis_key(tenant, key))
+            .arg(value)
+            .arg("PX")
+            .arg(self.ttl.as_millis() as u64);
+        self.run::<()>(set).await
+    }
+
+    /// Drops the claim after a failure the caller may retry.
+    pub async fn release(&self, tenant: &str, key: &str) -> Result<(), StoreError> {
+        let mut del = redis::cmd("DEL");
+        del.arg(self.redis_key(tenant, key));
+        self.run::<()>(del).await
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.run::<String>(redis::cmd("PING")).await.map(|_| ())
+    }
+}
+
+/// The fingerprint of a request: SHA-256 of what identifies it.
+pub fn fingerprint(parts: &[&[u8]]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// `/readyz` asks whether Redis answers. The ingress still serves requests without a key while
+/// it is down, but a replica that cannot honour `Idempotency-Key` should not get new traffic.
+pub struct RedisReadiness(pub IdempotencyStore);
+
+impl triage_runtime::admin_http::ReadinessCheck for RedisReadiness {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn check(&self) -> triage_runtime::admin_http::CheckFuture<'_> {
+        Box::pin(async move { self.0.ping().await.map_err(|e| e.to_string()) })
+    }
+}

@@ -1,0 +1,3 @@
+//! loadgen: drives the ticket ingress over HTTP or gRPC and reports throughput and latency.
+
+fn main() {}
