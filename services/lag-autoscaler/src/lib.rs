@@ -1,18 +1,142 @@
 //! lag-autoscaler: consumer lag of every pipeline group as Prometheus metrics and as the Kubernetes External Metrics API.
+//!
+//! # Layout
+//! - [`config`]: the watched groups, the listeners, direct mode's policy.
+//! - [`reader`]: committed offsets, watermarks, members and record timestamps from the brokers
+//!   (blocking librdkafka calls, run on `spawn_blocking`).
+//! - [`status`]: Burrow-style ok / lagging / stalled / unknown from a window of samples.
+//! - [`monitor`]: one poll: read, judge, record metrics, build the [`snapshot::LagSnapshot`].
+//! - [`metrics`]: the Prometheus series.
+//! - [`lag_api`]: `/api/v1/lag` on the admin port (KEDA's metrics-api scaler).
+//! - [`external_metrics`] and [`selector`]: `external.metrics.k8s.io/v1beta1` over TLS.
+//! - [`scaler`]: direct mode's decision, a pure state machine; [`direct`] applies it through
+//!   [`kubernetes`].
 
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod direct;
+pub mod external_metrics;
+pub mod kubernetes;
+pub mod lag_api;
+pub mod metrics;
+pub mod monitor;
+pub mod reader;
+pub mod scaler;
+pub mod selector;
+pub mod snapshot;
+pub mod status;
 
-use triage_runtime::{metrics::MetricsRegistry, service, shutdown::Shutdown};
+use std::{sync::Arc, time::Instant};
+
+use anyhow::Context as _;
+use tokio::{net::TcpListener, sync::watch, time::MissedTickBehavior};
+use triage_runtime::{
+    admin_http::{self, AdminState, KafkaReadiness, ReadinessCheck},
+    kafka,
+    metrics::{MetricsHandle, MetricsRegistry},
+    shutdown::Shutdown,
+};
 
 pub use config::Config;
+
+use crate::{
+    direct::DirectMode,
+    metrics::Metrics,
+    monitor::Monitor,
+    reader::OffsetReader,
+    snapshot::{GroupLag, LagSnapshot},
+};
 
 pub const SERVICE: &str = "lag-autoscaler";
 
 /// Runs the service until `shutdown` fires.
-pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    let metrics = MetricsRegistry::new(SERVICE).freeze();
-    service::serve_admin_until_shutdown(SERVICE, &config.admin, &config.kafka, metrics, shutdown)
+pub async fn run(config: Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
+    let targets = config.targets();
+    let mut registry = MetricsRegistry::new(SERVICE);
+    let metrics = Metrics::register(registry.registry_mut());
+    let metrics_handle = registry.freeze();
+    let initial = LagSnapshot {
+        taken_at_ms: 0,
+        groups: targets.iter().map(GroupLag::pending).collect(),
+    };
+    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(initial));
+
+    let reader = OffsetReader::new(&config.kafka, &config.lag)?;
+    let mut direct = match config.direct.enabled {
+        true => Some(DirectMode::start(&config, metrics.clone()).await?),
+        false => None,
+    };
+    let admin = start_admin(
+        &config,
+        metrics_handle,
+        snapshot_rx.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    let external = match config.external_metrics.enabled {
+        true => Some(
+            external_metrics::serve_tls(
+                &config.external_metrics,
+                external_metrics::router(snapshot_rx.clone()),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+        false => None,
+    };
+    tracing::info!(
+        service = SERVICE,
+        groups = targets.len(),
+        interval = ?config.lag.interval,
+        direct = config.direct.enabled,
+        "started"
+    );
+
+    let mut monitor = Monitor::new(reader, targets, &config.lag, metrics);
+    let mut ticks = tokio::time::interval(config.lag.interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => break,
+            _ = ticks.tick() => {}
+        }
+        let Some(snapshot) = monitor.poll().await else {
+            continue;
+        };
+        let snapshot = Arc::new(snapshot);
+        snapshot_tx.send_replace(Arc::clone(&snapshot));
+        if let Some(direct) = &mut direct {
+            direct.tick(&snapshot, Instant::now()).await;
+        }
+    }
+
+    admin.await??;
+    if let Some(external) = external {
+        external.task.await??;
+    }
+    Ok(())
+}
+
+/// The shared admin endpoints (`/healthz`, `/readyz` on the brokers, `/metrics`) plus
+/// `/api/v1/lag`, on `admin.listen`.
+async fn start_admin(
+    config: &Config,
+    metrics: MetricsHandle,
+    snapshot: watch::Receiver<Arc<LagSnapshot>>,
+    shutdown: Shutdown,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let probe = kafka::probe_client(&config.kafka, SERVICE)?;
+    let checks: Vec<Box<dyn ReadinessCheck>> = vec![Box::new(KafkaReadiness::new(probe))];
+    let listener = TcpListener::bind(config.admin.listen)
         .await
+        .with_context(|| format!("failed to bind the admin server to {}", config.admin.listen))?;
+    let router = admin_http::router(AdminState {
+        service: SERVICE,
+        metrics,
+        checks: Arc::new(checks),
+    })
+    .merge(lag_api::router(snapshot));
+    tracing::info!(address = %listener.local_addr()?, "admin server listening");
+    Ok(tokio::spawn(admin_http::serve(listener, router, shutdown)))
 }

@@ -2,14 +2,19 @@
 
 use triage_test_support::{
     TestContext, assert_bad_config_fails_with_one_line_naming_the_key,
-    assert_starts_ready_and_exits_zero_on_sigterm,
+    assert_starts_ready_and_exits_zero_on_sigterm, free_port,
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_lag-autoscaler");
 
 #[tokio::test]
 async fn starts_ready_and_exits_zero_on_sigterm() {
-    let env = TestContext::new("lag_autoscaler").service_env();
+    let mut env = TestContext::new("lag_autoscaler").service_env();
+    // Not the default 6443: tests run in parallel on one machine.
+    env.push((
+        "TRIAGE_EXTERNAL_METRICS__LISTEN".into(),
+        format!("127.0.0.1:{}", free_port()),
+    ));
     assert_starts_ready_and_exits_zero_on_sigterm(BINARY, lag_autoscaler::SERVICE, &env).await;
 }
 

@@ -1,0 +1,166 @@
+//! One poll: read offsets off the runtime, judge each group's status, update the metrics and
+//! build the snapshot everything else serves.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use crate::{
+    config::{GroupTarget, LagConfig},
+    metrics::Metrics,
+    reader::{GroupReading, OffsetReader, ReadError},
+    snapshot::{GroupLag, LagSnapshot},
+    status::{GroupStatus, PartitionSample, StatusWindow},
+};
+
+pub struct Monitor {
+    /// `None` only while a poll has it on a blocking thread.
+    reader: Option<OffsetReader>,
+    targets: Vec<GroupTarget>,
+    metrics: Metrics,
+    windows: HashMap<String, StatusWindow>,
+    /// The last figures of each group, served again (marked with the error) when a poll
+    /// could not read the group.
+    last: HashMap<String, GroupLag>,
+    reported_partitions: HashMap<String, Vec<i32>>,
+    /// Groups whose topic was missing, had no commits, or failed, at the previous poll: each
+    /// such condition is logged when it starts, not at every poll.
+    missing_topic: HashSet<String>,
+    without_commits: HashSet<String>,
+    failing: HashSet<String>,
+}
+
+impl Monitor {
+    pub fn new(
+        reader: OffsetReader,
+        targets: Vec<GroupTarget>,
+        lag: &LagConfig,
+        metrics: Metrics,
+    ) -> Self {
+        let windows = targets
+            .iter()
+            .map(|t| (t.group.clone(), StatusWindow::new(lag.status_window)))
+            .collect();
+        Monitor {
+            reader: Some(reader),
+            targets,
+            metrics,
+            windows,
+            last: HashMap::new(),
+            reported_partitions: HashMap::new(),
+            missing_topic: HashSet::new(),
+            without_commits: HashSet::new(),
+            failing: HashSet::new(),
+        }
+    }
+
+    /// Reads every group once. `None` when the brokers could not be asked at all (logged and
+    /// counted); the previous snapshot then stays.
+    pub async fn poll(&mut self) -> Option<LagSnapshot> {
+        let mut reader = self.reader.take()?;
+        let targets = self.targets.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = reader.read(&targets);
+            (reader, result)
+        })
+        .await;
+        let (reader, result) = match joined {
+            Ok(done) => done,
+            Err(error) => {
+                // The reader panicked; it is lost with its thread. Nothing can be read again.
+                tracing::error!(error = %error, "the offset reader panicked");
+                return None;
+            }
+        };
+        self.reader = Some(reader);
+        match result {
+            Ok(readings) => Some(self.apply(&readings, now_ms())),
+            Err(error) => {
+                self.report_poll_error(&error);
+                None
+            }
+        }
+    }
+
+    fn report_poll_error(&self, error: &ReadError) {
+        tracing::warn!(error = %error, "cannot read consumer lag; serving the previous figures");
+        self.metrics.poll_failed();
+    }
+
+    /// Turns one poll's readings into the snapshot, the status windows and the metrics.
+    pub fn apply(&mut self, readings: &[GroupReading], now_ms: i64) -> LagSnapshot {
+        let mut groups = Vec::with_capacity(readings.len());
+        for reading in readings {
+            let name = &reading.target.group;
+            let group = if let Some(error) = &reading.error {
+                if self.failing.insert(name.clone()) {
+                    tracing::warn!(group = %name, error = %error, "cannot read the group's offsets; serving its previous figures");
+                }
+                let mut stale = self
+                    .last
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_else(|| GroupLag::pending(&reading.target));
+                stale.error = Some(error.clone());
+                stale
+            } else {
+                if self.failing.remove(name) {
+                    tracing::info!(group = %name, "the group's offsets are readable again");
+                }
+                self.judge(reading, now_ms)
+            };
+            self.metrics
+                .record_group(&group, &mut self.reported_partitions);
+            self.last.insert(name.clone(), group.clone());
+            groups.push(group);
+        }
+        LagSnapshot {
+            taken_at_ms: now_ms,
+            groups,
+        }
+    }
+
+    fn judge(&mut self, reading: &GroupReading, now_ms: i64) -> GroupLag {
+        let name = &reading.target.group;
+        let window = self
+            .windows
+            .entry(name.clone())
+            .or_insert_with(|| StatusWindow::new(2));
+        let Some(partitions) = &reading.partitions else {
+            if self.missing_topic.insert(name.clone()) {
+                tracing::warn!(group = %name, topic = %reading.target.topic, "the group's topic does not exist; its lag series are removed");
+            }
+            window.clear();
+            return GroupLag::new(reading, GroupStatus::Unknown, now_ms);
+        };
+        if self.missing_topic.remove(name) {
+            tracing::info!(group = %name, topic = %reading.target.topic, "the group's topic exists");
+        }
+        let samples: Vec<PartitionSample> = partitions
+            .iter()
+            .map(|p| PartitionSample {
+                partition: p.partition,
+                committed: p.committed,
+                lag: p.lag(),
+            })
+            .collect();
+        let status = window.observe(&samples);
+        let group = GroupLag::new(reading, status, now_ms);
+        if !group.committed && group.lag > 0 {
+            if self.without_commits.insert(name.clone()) {
+                tracing::info!(group = %name, topic = %group.topic, lag = group.lag, "the group has no committed offsets; every retained record counts as lag");
+            }
+        } else {
+            self.without_commits.remove(name);
+        }
+        group
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
