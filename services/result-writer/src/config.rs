@@ -1,22 +1,214 @@
 //! Configuration of result-writer; see `triage_runtime::config` for how it is loaded.
 
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
 use serde::{Deserialize, Serialize};
 use triage_runtime::{
-    config::{AdminConfig, KafkaConfig, TelemetryConfig, TopicsConfig, Validate},
+    config::{AdminConfig, KafkaConfig, Secret, TelemetryConfig, TopicsConfig, Validate},
+    kafka::consumer::ConsumerConfig,
     service::ServiceConfig,
 };
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Brokers and security.
     pub kafka: KafkaConfig,
-    /// The pipeline's topic names.
+    /// The pipeline's topic names; results are read from `topics.results`, undecodable ones go
+    /// to `topics.dead_letters`.
     pub topics: TopicsConfig,
     /// Logs and traces.
     pub telemetry: TelemetryConfig,
     /// `/healthz`, `/readyz`, `/metrics` and the drain deadline.
     pub admin: AdminConfig,
+    /// The consumer group and its in-flight window.
+    pub consumer: ConsumerConfig,
+    /// Where the triages are written.
+    pub database: DatabaseConfig,
+    /// How results are grouped into one transaction.
+    pub batch: BatchConfig,
+    /// The read API (`/v1/...`, `/openapi.json`).
+    pub api: ApiConfig,
+    /// API keys and the tenants they belong to.
+    pub auth: AuthConfig,
+    /// Outbound webhooks, at most one per tenant.
+    pub webhooks: WebhooksConfig,
+    /// Longest wait for the broker to acknowledge a dead letter.
+    #[serde(with = "humantime_serde")]
+    pub dead_letter_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            kafka: KafkaConfig::default(),
+            topics: TopicsConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            admin: AdminConfig::default(),
+            consumer: ConsumerConfig {
+                // One row is small; a wide window keeps full batches coming while one commits.
+                max_in_flight: 2048,
+                ..ConsumerConfig::for_group(crate::SERVICE)
+            },
+            database: DatabaseConfig::default(),
+            batch: BatchConfig::default(),
+            api: ApiConfig::default(),
+            auth: AuthConfig::default(),
+            webhooks: WebhooksConfig::default(),
+            dead_letter_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `postgres://user[:password]@host:port/db`; may hold a password, so it is never printed.
+    pub url: Secret,
+    /// The schema the table and migrations live in; created when missing.
+    pub schema: String,
+    /// Connections in the pool (the batch writer uses one, the read API the others).
+    pub pool_size: usize,
+    /// Longest wait to open a connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest one batch transaction may take before it counts as failed and is retried.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// First wait before retrying a failed batch; doubles up to `retry_max_delay`.
+    #[serde(with = "humantime_serde")]
+    pub retry_min_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max_delay: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: Secret::new("postgres://triage@127.0.0.1:5432/triage"),
+            schema: "public".into(),
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(30),
+            retry_min_delay: Duration::from_millis(100),
+            retry_max_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+/// True for a plain lowercase SQL identifier, safe to put in a statement unquoted.
+pub fn is_plain_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// A batch is written as soon as it holds this many results.
+    pub max_rows: usize,
+    /// ... or when its first result has waited this long.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_rows: 500,
+            max_delay: Duration::from_millis(20),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address of the read API.
+    pub listen: SocketAddr,
+    /// Largest `limit` of `GET /v1/triage`.
+    pub max_page_size: u32,
+    /// New results kept for slow `GET /v1/triage/stream` clients; a client further behind
+    /// misses results and is told so with a `lagged` event.
+    pub stream_buffer: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8081)),
+            max_page_size: 500,
+            stream_buffer: 4096,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// API keys given in configuration.
+    pub keys: Vec<ApiKeyEntry>,
+    /// A secret file with more keys, one `tenant:sha256hex` per line (`#` starts a comment);
+    /// e.g. a mounted Kubernetes Secret.
+    pub keys_file: Option<PathBuf>,
+}
+
+/// One tenant's key, held only as its SHA-256 digest.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyEntry {
+    pub tenant: String,
+    /// Hex SHA-256 of the key (`printf %s "$KEY" | sha256sum`).
+    pub key_sha256: Secret,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Where each tenant's triages are POSTed.
+    pub endpoints: Vec<WebhookEndpoint>,
+    /// Deliveries waiting or being retried; when full, new ones are dropped (and counted)
+    /// rather than slowing the database path.
+    pub queue_capacity: usize,
+    /// Deliveries in progress at once.
+    pub concurrency: usize,
+    /// Attempts per delivery before it is dropped.
+    pub max_attempts: usize,
+    /// Longest wait for one attempt.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// First wait before retrying; doubles up to `retry_max_delay`.
+    #[serde(with = "humantime_serde")]
+    pub retry_min_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max_delay: Duration,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            endpoints: Vec::new(),
+            queue_capacity: 10_000,
+            concurrency: 16,
+            max_attempts: 8,
+            timeout: Duration::from_secs(5),
+            retry_min_delay: Duration::from_millis(200),
+            retry_max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One tenant's webhook.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEndpoint {
+    pub tenant: String,
+    /// The receiver's URL; may carry a token, so it is never printed.
+    pub url: Secret,
+    /// The HMAC-SHA256 key the receiver verifies `X-Triage-Signature` with.
+    pub secret: Secret,
 }
 
 impl Validate for Config {
@@ -25,11 +217,140 @@ impl Validate for Config {
         self.topics.validate(problems);
         self.telemetry.validate(problems);
         self.admin.validate(problems);
+        self.consumer.validate(problems);
+        let database = &self.database;
+        if !database.url.expose().starts_with("postgres://")
+            && !database.url.expose().starts_with("postgresql://")
+        {
+            problems.push("database.url must be a postgres:// URL".into());
+        } else if database.url.expose().parse::<tokio_postgres::Config>().is_err() {
+            // The parser's message may quote the URL, password included: say only where.
+            problems.push("database.url is not a valid PostgreSQL connection URL".into());
+        }
+        if !is_plain_identifier(&database.schema) {
+            problems.push(format!(
+                "database.schema {:?} must be a lowercase identifier ([a-z_][a-z0-9_]*)",
+                database.schema
+            ));
+        }
+        if database.pool_size < 2 {
+            problems.push("database.pool_size must be at least 2 (writer and read API)".into());
+        }
+        for (key, value) in [
+            ("database.connect_timeout", database.connect_timeout),
+            ("database.write_timeout", database.write_timeout),
+            ("database.retry_min_delay", database.retry_min_delay),
+            ("batch.max_delay", self.batch.max_delay),
+            ("webhooks.timeout", self.webhooks.timeout),
+            ("dead_letter_timeout", self.dead_letter_timeout),
+        ] {
+            if value.is_zero() {
+                problems.push(format!("{key} must be longer than zero"));
+            }
+        }
+        if database.retry_max_delay < database.retry_min_delay {
+            problems.push("database.retry_max_delay must not be shorter than retry_min_delay".into());
+        }
+        if self.batch.max_rows == 0 || self.batch.max_rows > 10_000 {
+            problems.push("batch.max_rows must be between 1 and 10000".into());
+        }
+        if self.api.max_page_size == 0 {
+            problems.push("api.max_page_size must be at least 1".into());
+        }
+        if self.api.stream_buffer == 0 {
+            problems.push("api.stream_buffer must be at least 1".into());
+        }
+        for (index, entry) in self.auth.keys.iter().enumerate() {
+            if entry.tenant.trim().is_empty() {
+                problems.push(format!("auth.keys[{index}].tenant must not be empty"));
+            }
+            if crate::auth::parse_sha256(entry.key_sha256.expose()).is_none() {
+                problems.push(format!(
+                    "auth.keys[{index}].key_sha256 must be 64 hex digits (a SHA-256 digest)"
+                ));
+            }
+        }
+        if let Some(path) = &self.auth.keys_file
+            && let Err(error) = crate::auth::read_keys_file(path)
+        {
+            problems.push(format!("auth.keys_file: {error}"));
+        }
+        let webhooks = &self.webhooks;
+        let mut tenants = std::collections::HashSet::new();
+        for (index, endpoint) in webhooks.endpoints.iter().enumerate() {
+            if !tenants.insert(endpoint.tenant.as_str()) {
+                problems.push(format!(
+                    "webhooks.endpoints[{index}]: tenant {:?} has more than one webhook",
+                    endpoint.tenant
+                ));
+            }
+            if reqwest::Url::parse(endpoint.url.expose())
+                .ok()
+                .filter(|url| matches!(url.scheme(), "http" | "https"))
+                .is_none()
+            {
+                problems.push(format!(
+                    "webhooks.endpoints[{index}].url must be an http(s) URL"
+                ));
+            }
+            if endpoint.secret.is_empty() {
+                problems.push(format!(
+                    "webhooks.endpoints[{index}].secret must not be empty"
+                ));
+            }
+        }
+        if webhooks.queue_capacity == 0 || webhooks.concurrency == 0 || webhooks.max_attempts == 0
+        {
+            problems.push(
+                "webhooks.queue_capacity, concurrency and max_attempts must be at least 1".into(),
+            );
+        }
     }
 }
 
 impl ServiceConfig for Config {
     fn telemetry(&self) -> &TelemetryConfig {
         &self.telemetry
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let mut problems = Vec::new();
+        Config::default().validate(&mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(Config::default().consumer.group_id, "result-writer");
+    }
+
+    #[test]
+    fn every_problem_is_reported_and_no_secret_is_quoted() {
+        let mut config = Config::default();
+        config.database.url = Secret::new("mysql://root:hunter2@db/x");
+        config.database.schema = "Robert'); DROP".into();
+        config.batch.max_rows = 0;
+        config.webhooks.endpoints = vec![WebhookEndpoint {
+            tenant: "acme".into(),
+            url: Secret::new("ftp://token-s3cret@example"),
+            secret: Secret::new(""),
+        }];
+        let mut problems = Vec::new();
+        config.validate(&mut problems);
+        assert_eq!(problems.len(), 5, "{problems:?}");
+        let all = problems.join("\n");
+        assert!(!all.contains("hunter2") && !all.contains("s3cret"), "{all}");
+    }
+
+    #[test]
+    fn plain_identifiers_only() {
+        assert!(is_plain_identifier("public"));
+        assert!(is_plain_identifier("test_result_writer_3f9a"));
+        assert!(!is_plain_identifier("Public"));
+        assert!(!is_plain_identifier("a\"b"));
+        assert!(!is_plain_identifier("9x"));
+        assert!(!is_plain_identifier(""));
     }
 }

@@ -1,0 +1,182 @@
+//! API keys: each key maps to one tenant. Only SHA-256 digests are held, and a presented key is
+//! compared against every digest in constant time, so neither the configuration nor response
+//! timing reveals a key.
+//!
+//! The same rules as ticket-publisher's `auth` module (same configuration shape, same key file
+//! format); a candidate for `triage-runtime` once both services settle.
+
+use std::{path::Path, sync::Arc};
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::AuthConfig;
+
+/// Why the key file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysFileError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} line {line}: expected `tenant:sha256hex`")]
+    Malformed { path: String, line: usize },
+}
+
+/// Parses 64 hex digits into a digest.
+pub fn parse_sha256(hex_digest: &str) -> Option<[u8; 32]> {
+    let bytes = hex::decode(hex_digest.trim()).ok()?;
+    bytes.try_into().ok()
+}
+
+/// Reads `tenant:sha256hex` lines; blank lines and `#` comments are skipped.
+pub fn read_keys_file(path: &Path) -> Result<Vec<(String, [u8; 32])>, KeysFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeysFileError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut keys = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let parsed = line
+            .rsplit_once(':')
+            .filter(|(tenant, _)| !tenant.trim().is_empty())
+            .and_then(|(tenant, digest)| Some((tenant.trim().to_owned(), parse_sha256(digest)?)));
+        match parsed {
+            Some(entry) => keys.push(entry),
+            None => {
+                return Err(KeysFileError::Malformed {
+                    path: path.display().to_string(),
+                    line: index + 1,
+                });
+            }
+        }
+    }
+    Ok(keys)
+}
+
+/// The tenants' API keys, by digest.
+#[derive(Clone, Default)]
+pub struct ApiKeys {
+    entries: Arc<Vec<(Arc<str>, [u8; 32])>>,
+}
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKeys({} keys)", self.entries.len())
+    }
+}
+
+impl ApiKeys {
+    /// Keys from the configuration and the key file. The configuration was validated, so
+    /// malformed entries cannot occur here; the file is read again in case it changed since.
+    pub fn load(config: &AuthConfig) -> Result<Self, KeysFileError> {
+        let mut entries: Vec<(Arc<str>, [u8; 32])> = config
+            .keys
+            .iter()
+            .filter_map(|entry| {
+                parse_sha256(entry.key_sha256.expose())
+                    .map(|digest| (Arc::from(entry.tenant.as_str()), digest))
+            })
+            .collect();
+        if let Some(path) = &config.keys_file {
+            entries.extend(
+                read_keys_file(path)?
+                    .into_iter()
+                    .map(|(tenant, digest)| (Arc::from(tenant.as_str()), digest)),
+            );
+        }
+        Ok(ApiKeys {
+            entries: Arc::new(entries),
+        })
+    }
+
+    /// For tests and tools: keys given in clear.
+    pub fn from_plain(keys: &[(&str, &str)]) -> Self {
+        ApiKeys {
+            entries: Arc::new(
+                keys.iter()
+                    .map(|(tenant, key)| (Arc::from(*tenant), sha256(key.as_bytes())))
+                    .collect(),
+            ),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The tenant of `presented`, if it is a known key. Every digest is compared, whichever
+    /// matches, so the time taken does not depend on which key (if any) matched.
+    pub fn tenant_of(&self, presented: &str) -> Option<Arc<str>> {
+        let digest = sha256(presented.as_bytes());
+        let mut found = None;
+        for (tenant, expected) in self.entries.iter() {
+            if bool::from(expected.ct_eq(&digest)) && found.is_none() {
+                found = Some(Arc::clone(tenant));
+            }
+        }
+        found
+    }
+}
+
+/// The key in an `Authorization: Bearer <key>` value.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_known_key_names_its_tenant_and_others_none() {
+        let keys = ApiKeys::from_plain(&[("acme", "k-acme"), ("globex", "k-globex")]);
+        assert_eq!(keys.tenant_of("k-globex").as_deref(), Some("globex"));
+        assert_eq!(keys.tenant_of("k-acme").as_deref(), Some("acme"));
+        assert_eq!(keys.tenant_of("k-acm"), None);
+        assert_eq!(keys.tenant_of(""), None);
+    }
+
+    #[test]
+    fn keys_file_lines_are_tenant_and_digest() {
+        let dir = std::env::temp_dir().join(format!("rw-keys-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys");
+        let digest = hex::encode(sha256(b"secret-1"));
+        std::fs::write(&path, format!("# tenants\n\nacme:{digest}\n")).unwrap();
+        let config = AuthConfig {
+            keys: Vec::new(),
+            keys_file: Some(path.clone()),
+        };
+        let keys = ApiKeys::load(&config).unwrap();
+        assert_eq!(keys.tenant_of("secret-1").as_deref(), Some("acme"));
+        std::fs::write(&path, "acme:not-hex\n").unwrap();
+        let error = read_keys_file(&path).unwrap_err();
+        assert!(error.to_string().contains("line 1"), "{error}");
+        assert!(!error.to_string().contains("not-hex"), "{error}");
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_needs_a_token() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+    }
+}

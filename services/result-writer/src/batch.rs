@@ -1,0 +1,228 @@
+//! The batcher: collects decoded results from the record handlers, writes them to PostgreSQL in
+//! one transaction per batch, and only then tells each handler its record is durable.
+//!
+//! # When a batch is written
+//! As soon as it holds `batch.max_rows` results, or `batch.max_delay` after its first result
+//! arrived, whichever comes first. The next batch fills while one is being written.
+//!
+//! # PostgreSQL unavailable
+//! A failed or timed-out transaction is retried with exponential backoff, forever, and the
+//! consumer's [`FetchGate`] is closed meanwhile so that no more records are fetched. Nothing is
+//! skipped: the handlers of the batch keep waiting and their offsets stay uncommitted. Only a
+//! shutdown ends the retries; the batch's records are then abandoned and consumed again later.
+//!
+//! # After the commit
+//! Handlers are released first (their offsets may be committed), then the rows that actually
+//! changed are announced on the live stream and offered to the tenant's webhook.
+
+use std::{collections::HashMap, sync::Arc, time::Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::Utc;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use triage_runtime::{kafka::consumer::FetchGate, shutdown::Shutdown};
+
+use crate::{
+    config::{BatchConfig, DatabaseConfig},
+    db::Store,
+    metrics::WriterMetrics,
+    triage::{NewTriage, Triage},
+    webhook::Webhooks,
+};
+
+/// One result waiting for its batch; `written_tx` fires once the row is committed (or was
+/// already newer in the table). Dropping it unsent means "not durable".
+pub struct Pending {
+    pub triage: NewTriage,
+    pub written_tx: oneshot::Sender<()>,
+}
+
+pub struct BatchWriter {
+    pub store: Store,
+    pub batch: BatchConfig,
+    pub database: DatabaseConfig,
+    pub gate: FetchGate,
+    pub metrics: WriterMetrics,
+    pub published_tx: broadcast::Sender<Arc<Triage>>,
+    pub webhooks: Webhooks,
+}
+
+impl BatchWriter {
+    /// Runs until every sender of `pending_rx` is gone (the consumer stopped), so that results
+    /// still arriving during the drain are written.
+    pub async fn run(self, mut pending_rx: mpsc::Receiver<Pending>, shutdown: Shutdown) {
+        let mut batch = Vec::with_capacity(self.batch.max_rows);
+        loop {
+            if pending_rx.recv_many(&mut batch, self.batch.max_rows).await == 0 {
+                break;
+            }
+            let deadline = tokio::time::Instant::now() + self.batch.max_delay;
+            while batch.len() < self.batch.max_rows {
+                let room = self.batch.max_rows - batch.len();
+                match tokio::time::timeout_at(deadline, pending_rx.recv_many(&mut batch, room))
+                    .await
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            self.write(std::mem::take(&mut batch), &shutdown).await;
+        }
+        tracing::debug!("batch writer stopped");
+    }
+
+    async fn write(&self, batch: Vec<Pending>, shutdown: &Shutdown) {
+        let started = Instant::now();
+        let results = batch.len();
+        let (rows, waiters) = newest_per_key(batch);
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(self.database.retry_min_delay)
+            .with_max_delay(self.database.retry_max_delay)
+            .without_max_times()
+            .with_jitter()
+            .build();
+        let mut failed = false;
+        let changed = loop {
+            let error = match tokio::time::timeout(
+                self.database.write_timeout,
+                self.store.upsert(&rows),
+            )
+            .await
+            {
+                Ok(Ok(changed)) => break changed,
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => format!("no commit within {:?}", self.database.write_timeout),
+            };
+            self.metrics.db_errors.inc();
+            self.gate.close();
+            failed = true;
+            if shutdown.is_triggered() {
+                tracing::warn!(results, error, "batch not written before shutdown; its records stay uncommitted and will be consumed again");
+                return;
+            }
+            let delay = delays.next().unwrap_or(self.database.retry_max_delay);
+            tracing::warn!(results, retry_in = ?delay, error, "failed to write a batch; fetching paused until it succeeds");
+            let mut shutdown_wait = shutdown.clone();
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown_wait.wait() => {}
+            }
+        };
+        if failed {
+            self.gate.open();
+            tracing::info!(results, "batch written after retries; fetching resumed");
+        }
+        let committed_at = Utc::now();
+        for waiter in waiters {
+            let _ = waiter.send(());
+        }
+        self.metrics.rows_written.inc_by(changed.len() as u64);
+        self.metrics
+            .results_unchanged
+            .inc_by((results - changed.len()) as u64);
+        self.metrics.batch_rows.observe(results as f64);
+        self.metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let mut rows: Vec<Option<NewTriage>> = rows.into_iter().map(Some).collect();
+        for (index, written_at) in changed {
+            let Some(row) = rows.get_mut(index).and_then(Option::take) else {
+                continue;
+            };
+            if let Some(accepted_at) = row.accepted_at {
+                let latency = (committed_at - accepted_at).to_std().unwrap_or_default();
+                self.metrics.e2e_seconds.observe(latency.as_secs_f64());
+            }
+            let triage = Arc::new(Triage::written(row, written_at));
+            self.webhooks.offer(&triage);
+            // No subscriber is fine: the stream only shows what happens while one listens.
+            let _ = self.published_tx.send(triage);
+        }
+    }
+}
+
+/// One row per (ticket, prompt version): PostgreSQL cannot update a row twice in one statement.
+/// The newest `triaged_at` wins, as in the table; on a tie the first one stays, as in the table.
+/// Every waiter is kept: each result is durable once the batch commits.
+fn newest_per_key(batch: Vec<Pending>) -> (Vec<NewTriage>, Vec<oneshot::Sender<()>>) {
+    let mut rows: Vec<NewTriage> = Vec::with_capacity(batch.len());
+    let mut waiters = Vec::with_capacity(batch.len());
+    let mut positions: HashMap<(String, String), usize> = HashMap::with_capacity(batch.len());
+    for pending in batch {
+        waiters.push(pending.written_tx);
+        let key = (
+            pending.triage.ticket_id.clone(),
+            pending.triage.prompt_version.clone(),
+        );
+        match positions.get(&key) {
+            Some(&position) => {
+                if pending.triage.triaged_at > rows[position].triaged_at {
+                    rows[position] = pending.triage;
+                }
+            }
+            None => {
+                positions.insert(key, rows.len());
+                rows.push(pending.triage);
+            }
+        }
+    }
+    (rows, waiters)
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::DateTime;
+
+    use super::*;
+
+    fn pending(ticket: &str, version: &str, second: i64, category: &str) -> Pending {
+        let (written_tx, _) = oneshot::channel();
+        Pending {
+            triage: NewTriage {
+                ticket_id: ticket.into(),
+                tenant_id: "acme".into(),
+                prompt_version: version.into(),
+                category: category.into(),
+                priority: String::new(),
+                suggested_reply: String::new(),
+                confidence: 0.5,
+                model: String::new(),
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                cost_usd: 0.0,
+                ticket_created_at: None,
+                accepted_at: None,
+                triaged_at: DateTime::from_timestamp(second, 0).unwrap(),
+                source_partition: 0,
+                source_offset: 0,
+                provider_note: String::new(),
+            },
+            written_tx,
+        }
+    }
+
+    #[test]
+    fn a_batch_keeps_the_newest_result_of_each_key_and_every_waiter() {
+        let (rows, waiters) = newest_per_key(vec![
+            pending("t-1", "v1", 10, "old"),
+            pending("t-2", "v1", 10, "other"),
+            pending("t-1", "v1", 20, "new"),
+            pending("t-1", "v1", 15, "between"),
+            pending("t-1", "v2", 5, "second version"),
+            pending("t-1", "v1", 20, "tie"),
+        ]);
+        assert_eq!(waiters.len(), 6);
+        let categories: Vec<_> = rows
+            .iter()
+            .map(|r| (r.ticket_id.as_str(), r.prompt_version.as_str(), r.category.as_str()))
+            .collect();
+        assert_eq!(
+            categories,
+            [
+                ("t-1", "v1", "new"),
+                ("t-2", "v1", "other"),
+                ("t-1", "v2", "second version")
+            ]
+        );
+    }
+}

@@ -1,0 +1,389 @@
+//! PostgreSQL: the connection pool, the embedded migrations, the batched idempotent upsert and the
+//! read queries.
+//!
+//! # Idempotency
+//! The table's key is (ticket_id, prompt_version). A batch is one `INSERT ... SELECT FROM UNNEST`
+//! with `ON CONFLICT DO UPDATE ... WHERE EXCLUDED.triaged_at > triage_results.triaged_at`: a
+//! replayed result changes nothing, a newer one replaces the row, an older one never does.
+//! `RETURNING` names exactly the rows that changed, which are the ones announced on the live
+//! stream and to webhooks.
+
+use std::{collections::HashMap, time::Duration};
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::{NoTls, Row, types::ToSql};
+
+use crate::{
+    config::{DatabaseConfig, is_plain_identifier},
+    triage::{NewTriage, Triage},
+};
+
+/// The schema's migrations, in order. Each runs once per schema, all in one transaction.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "triage_results",
+    include_str!("../migrations/0001_triage_results.sql"),
+)];
+
+/// Why a database operation failed. All of them are retryable from the writer's point of view:
+/// results were validated before, so a failure means the database is unreachable or unwell.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot build the PostgreSQL pool: {0}")]
+    Build(String),
+    #[error("no PostgreSQL connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("PostgreSQL query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("database.schema {0:?} is not a plain identifier")]
+    Schema(String),
+}
+
+/// A pool whose connections all use `config.schema` as their `search_path`.
+pub fn connect(config: &DatabaseConfig) -> Result<Pool, DbError> {
+    if !is_plain_identifier(&config.schema) {
+        return Err(DbError::Schema(config.schema.clone()));
+    }
+    let mut pg_config: tokio_postgres::Config = config
+        .url
+        .expose()
+        .parse()
+        .map_err(|_| DbError::Build("database.url is not a valid PostgreSQL URL".into()))?;
+    pg_config
+        .options(format!("-c search_path={}", config.schema))
+        .application_name(crate::SERVICE)
+        .connect_timeout(config.connect_timeout);
+    let manager = Manager::from_config(
+        pg_config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(config.connect_timeout))
+        .create_timeout(Some(config.connect_timeout))
+        .build()
+        .map_err(|error| DbError::Build(error.to_string()))
+}
+
+/// Applies the migrations `schema` lacks, creating the schema if needed. Safe when several
+/// replicas start at once: a transaction-scoped advisory lock per schema lets one migrate while
+/// the others wait, then find nothing left to do. Returns how many migrations were applied.
+pub async fn migrate(pool: &Pool, schema: &str) -> Result<usize, DbError> {
+    if !is_plain_identifier(schema) {
+        return Err(DbError::Schema(schema.to_owned()));
+    }
+    let mut client = pool.get().await?;
+    let transaction = client.transaction().await?;
+    transaction
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtext('result-writer migrations ' || $1::text))",
+            &[&schema],
+        )
+        .await?;
+    transaction
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};
+             SET LOCAL search_path TO {schema};
+             CREATE TABLE IF NOT EXISTS result_writer_migrations (
+                 version    integer PRIMARY KEY,
+                 name       text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             );"
+        ))
+        .await?;
+    let applied: Vec<i32> = transaction
+        .query("SELECT version FROM result_writer_migrations", &[])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut count = 0;
+    for (version, name, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        transaction.batch_execute(sql).await?;
+        transaction
+            .execute(
+                "INSERT INTO result_writer_migrations (version, name) VALUES ($1, $2)",
+                &[version, name],
+            )
+            .await?;
+        tracing::info!(schema, version, name, "migration applied");
+        count += 1;
+    }
+    transaction.commit().await?;
+    Ok(count)
+}
+
+const UPSERT: &str = "
+INSERT INTO triage_results (
+    ticket_id, tenant_id, prompt_version, category, priority, suggested_reply, confidence, model,
+    prompt_tokens, completion_tokens, cost_usd, ticket_created_at, accepted_at, triaged_at,
+    source_partition, source_offset, provider_note, written_at)
+SELECT batch.*, now() FROM UNNEST(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::float8[],
+    $8::text[], $9::int8[], $10::int8[], $11::float8[], $12::timestamptz[], $13::timestamptz[],
+    $14::timestamptz[], $15::int4[], $16::int8[], $17::text[]) AS batch
+ON CONFLICT (ticket_id, prompt_version) DO UPDATE SET
+    tenant_id = EXCLUDED.tenant_id,
+    category = EXCLUDED.category,
+    priority = EXCLUDED.priority,
+    suggested_reply = EXCLUDED.suggested_reply,
+    confidence = EXCLUDED.confidence,
+    model = EXCLUDED.model,
+    prompt_tokens = EXCLUDED.prompt_tokens,
+    completion_tokens = EXCLUDED.completion_tokens,
+    cost_usd = EXCLUDED.cost_usd,
+    ticket_created_at = EXCLUDED.ticket_created_at,
+    accepted_at = EXCLUDED.accepted_at,
+    triaged_at = EXCLUDED.triaged_at,
+    source_partition = EXCLUDED.source_partition,
+    source_offset = EXCLUDED.source_offset,
+    provider_note = EXCLUDED.provider_note,
+    written_at = EXCLUDED.written_at
+WHERE EXCLUDED.triaged_at > triage_results.triaged_at
+RETURNING ticket_id, prompt_version, written_at";
+
+const COLUMNS: &str = "ticket_id, tenant_id, prompt_version, category, priority, suggested_reply, \
+    confidence, model, prompt_tokens, completion_tokens, cost_usd, ticket_created_at, \
+    accepted_at, triaged_at, source_partition, source_offset, provider_note, written_at";
+
+/// Where `GET /v1/triage` continues: the last row of the previous page, in keyset order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct After {
+    pub triaged_at: DateTime<Utc>,
+    pub ticket_id: String,
+    pub prompt_version: String,
+}
+
+/// The filters of `GET /v1/triage`, always within one tenant.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub category: Option<String>,
+    pub priority: Option<String>,
+    /// `triaged_at >= since`
+    pub since: Option<DateTime<Utc>>,
+    /// `triaged_at < until`
+    pub until: Option<DateTime<Utc>>,
+    pub after: Option<After>,
+    pub limit: u32,
+}
+
+/// The table, behind a pool.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl Store {
+    pub fn new(pool: Pool) -> Self {
+        Store { pool }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Writes `rows` in one transaction. `rows` must hold each key at most once (PostgreSQL
+    /// refuses to update one row twice in a statement). Returns, for each row that was inserted
+    /// or replaced, its index in `rows` and its `written_at`.
+    pub async fn upsert(&self, rows: &[NewTriage]) -> Result<Vec<(usize, DateTime<Utc>)>, DbError> {
+        let mut client = self.pool.get().await?;
+        let statement = client.prepare_cached(UPSERT).await?;
+        let columns = Columns::of(rows);
+        let transaction = client.transaction().await?;
+        let changed = transaction.query(&statement, &columns.params()).await?;
+        transaction.commit().await?;
+        let index: HashMap<(&str, &str), usize> = rows
+            .iter()
+            .enumerate()
+            .map(|(position, row)| (row.key(), position))
+            .collect();
+        Ok(changed
+            .iter()
+            .filter_map(|row| {
+                let ticket_id: &str = row.get(0);
+                let prompt_version: &str = row.get(1);
+                let position = *index.get(&(ticket_id, prompt_version))?;
+                Some((position, row.get::<_, DateTime<Utc>>(2)))
+            })
+            .collect())
+    }
+
+    /// The tenant's latest triage of `ticket_id` (of `prompt_version` when given). Another
+    /// tenant's ticket is indistinguishable from a missing one.
+    pub async fn ticket(
+        &self,
+        tenant_id: &str,
+        ticket_id: &str,
+        prompt_version: Option<&str>,
+    ) -> Result<Option<Triage>, DbError> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM triage_results
+                 WHERE ticket_id = $1 AND tenant_id = $2 AND ($3::text IS NULL OR prompt_version = $3)
+                 ORDER BY triaged_at DESC, prompt_version DESC LIMIT 1"
+            ))
+            .await?;
+        let row = client
+            .query_opt(&statement, &[&ticket_id, &tenant_id, &prompt_version])
+            .await?;
+        Ok(row.as_ref().map(triage_from_row))
+    }
+
+    /// One page of the tenant's triages, newest first; `filter.limit + 1` rows are asked for so
+    /// that the caller knows whether another page follows.
+    pub async fn list(&self, tenant_id: &str, filter: &ListFilter) -> Result<Vec<Triage>, DbError> {
+        let mut conditions = vec!["tenant_id = $1".to_owned()];
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(tenant_id.to_owned())];
+        let mut push = |condition: &str, param: Box<dyn ToSql + Sync + Send>| {
+            params.push(param);
+            conditions.push(condition.replace('#', &format!("${}", params.len())));
+        };
+        if let Some(category) = &filter.category {
+            push("category = #", Box::new(category.clone()));
+        }
+        if let Some(priority) = &filter.priority {
+            push("priority = #", Box::new(priority.clone()));
+        }
+        if let Some(since) = filter.since {
+            push("triaged_at >= #", Box::new(since));
+        }
+        if let Some(until) = filter.until {
+            push("triaged_at < #", Box::new(until));
+        }
+        if let Some(after) = &filter.after {
+            params.push(Box::new(after.triaged_at));
+            params.push(Box::new(after.ticket_id.clone()));
+            params.push(Box::new(after.prompt_version.clone()));
+            let n = params.len();
+            conditions.push(format!(
+                "(triaged_at, ticket_id, prompt_version) < (${}, ${}, ${n})",
+                n - 2,
+                n - 1
+            ));
+        }
+        params.push(Box::new(i64::from(filter.limit) + 1));
+        let sql = format!(
+            "SELECT {COLUMNS} FROM triage_results WHERE {}
+             ORDER BY triaged_at DESC, ticket_id DESC, prompt_version DESC LIMIT ${}",
+            conditions.join(" AND "),
+            params.len()
+        );
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(&sql).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> = params
+            .iter()
+            .map(|param| param.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = client.query(&statement, &refs).await?;
+        Ok(rows.iter().map(triage_from_row).collect())
+    }
+
+    /// One round trip, for `/readyz`.
+    pub async fn ping(&self, timeout: Duration) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        let query = client.simple_query("SELECT 1");
+        match tokio::time::timeout(timeout, query).await {
+            Ok(result) => result.map(|_| ()).map_err(DbError::from),
+            Err(_) => Err(DbError::Build(format!("no answer within {timeout:?}"))),
+        }
+    }
+}
+
+fn triage_from_row(row: &Row) -> Triage {
+    Triage {
+        ticket_id: row.get("ticket_id"),
+        tenant_id: row.get("tenant_id"),
+        prompt_version: row.get("prompt_version"),
+        category: row.get("category"),
+        priority: row.get("priority"),
+        suggested_reply: row.get("suggested_reply"),
+        confidence: row.get("confidence"),
+        model: row.get("model"),
+        prompt_tokens: row.get("prompt_tokens"),
+        completion_tokens: row.get("completion_tokens"),
+        cost_usd: row.get("cost_usd"),
+        ticket_created_at: row.get("ticket_created_at"),
+        accepted_at: row.get("accepted_at"),
+        triaged_at: row.get("triaged_at"),
+        source_partition: row.get("source_partition"),
+        source_offset: row.get("source_offset"),
+        provider_note: row.get("provider_note"),
+        written_at: row.get("written_at"),
+    }
+}
+
+/// A batch turned column-wise, one array per column, for `UNNEST`.
+struct Columns<'a> {
+    ticket_id: Vec<&'a str>,
+    tenant_id: Vec<&'a str>,
+    prompt_version: Vec<&'a str>,
+    category: Vec<&'a str>,
+    priority: Vec<&'a str>,
+    suggested_reply: Vec<&'a str>,
+    confidence: Vec<f64>,
+    model: Vec<&'a str>,
+    prompt_tokens: Vec<i64>,
+    completion_tokens: Vec<i64>,
+    cost_usd: Vec<f64>,
+    ticket_created_at: Vec<Option<DateTime<Utc>>>,
+    accepted_at: Vec<Option<DateTime<Utc>>>,
+    triaged_at: Vec<DateTime<Utc>>,
+    source_partition: Vec<i32>,
+    source_offset: Vec<i64>,
+    provider_note: Vec<&'a str>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(rows: &'a [NewTriage]) -> Self {
+        Columns {
+            ticket_id: rows.iter().map(|r| r.ticket_id.as_str()).collect(),
+            tenant_id: rows.iter().map(|r| r.tenant_id.as_str()).collect(),
+            prompt_version: rows.iter().map(|r| r.prompt_version.as_str()).collect(),
+            category: rows.iter().map(|r| r.category.as_str()).collect(),
+            priority: rows.iter().map(|r| r.priority.as_str()).collect(),
+            suggested_reply: rows.iter().map(|r| r.suggested_reply.as_str()).collect(),
+            confidence: rows.iter().map(|r| r.confidence).collect(),
+            model: rows.iter().map(|r| r.model.as_str()).collect(),
+            prompt_tokens: rows.iter().map(|r| r.prompt_tokens).collect(),
+            completion_tokens: rows.iter().map(|r| r.completion_tokens).collect(),
+            cost_usd: rows.iter().map(|r| r.cost_usd).collect(),
+            ticket_created_at: rows.iter().map(|r| r.ticket_created_at).collect(),
+            accepted_at: rows.iter().map(|r| r.accepted_at).collect(),
+            triaged_at: rows.iter().map(|r| r.triaged_at).collect(),
+            source_partition: rows.iter().map(|r| r.source_partition).collect(),
+            source_offset: rows.iter().map(|r| r.source_offset).collect(),
+            provider_note: rows.iter().map(|r| r.provider_note.as_str()).collect(),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 17] {
+        [
+            &self.ticket_id,
+            &self.tenant_id,
+            &self.prompt_version,
+            &self.category,
+            &self.priority,
+            &self.suggested_reply,
+            &self.confidence,
+            &self.model,
+            &self.prompt_tokens,
+            &self.completion_tokens,
+            &self.cost_usd,
+            &self.ticket_created_at,
+            &self.accepted_at,
+            &self.triaged_at,
+            &self.source_partition,
+            &self.source_offset,
+            &self.provider_note,
+        ]
+    }
+}

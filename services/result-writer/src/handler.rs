@@ -1,0 +1,179 @@
+//! The consumer runtime's per-record logic: decode, hand the row to the batcher and report the
+//! record done once it is committed; dead-letter what cannot be stored.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::DateTime;
+use rdkafka::{Message, message::OwnedMessage};
+use tokio::sync::{mpsc, oneshot};
+use triage_proto::v1::{ErrorClass, InferenceResult};
+use triage_runtime::{
+    kafka::{
+        consumer::{Disposition, RecordHandler},
+        dead_letter::{self, Failure},
+        headers,
+        producer::ContractProducer,
+    },
+    shutdown::Shutdown,
+};
+
+use crate::{
+    batch::Pending,
+    metrics::WriterMetrics,
+    triage::{NewTriage, Source},
+};
+
+/// A record after `prepare`.
+pub enum Item {
+    /// A valid triage, ready for the table.
+    Triage(NewTriage),
+    /// A record that cannot be stored; it goes to the dead-letter topic.
+    Reject {
+        record: OwnedMessage,
+        class: ErrorClass,
+        message: String,
+        /// (ticket id, tenant id) when the record decoded that far.
+        ids: Option<(String, String)>,
+    },
+}
+
+pub struct ResultHandler {
+    pub pending_tx: mpsc::Sender<Pending>,
+    pub producer: ContractProducer,
+    pub dead_letters_topic: String,
+    pub metrics: WriterMetrics,
+    pub retry_min_delay: Duration,
+    pub retry_max_delay: Duration,
+    pub shutdown: Shutdown,
+}
+
+impl RecordHandler for ResultHandler {
+    type Item = Item;
+
+    fn prepare(&self, record: OwnedMessage) -> Item {
+        let content_type = headers::get_str(record.headers(), headers::CONTENT_TYPE);
+        let decoded = triage_proto::decode::<InferenceResult>(
+            record.payload().unwrap_or_default(),
+            content_type,
+        );
+        let result = match decoded {
+            Ok(result) => result,
+            Err(error) => {
+                return Item::Reject {
+                    class: ErrorClass::Decode,
+                    message: error.to_string(),
+                    ids: None,
+                    record,
+                };
+            }
+        };
+        let ids = (result.ticket_id.clone(), result.tenant_id.clone());
+        let source = Source {
+            partition: record.partition(),
+            offset: record.offset(),
+            timestamp: record
+                .timestamp()
+                .to_millis()
+                .and_then(DateTime::from_timestamp_millis),
+        };
+        match NewTriage::from_result(result, source) {
+            Ok(triage) => Item::Triage(triage),
+            Err(error) => Item::Reject {
+                class: ErrorClass::InvalidEvent,
+                message: error.to_string(),
+                ids: Some(ids),
+                record,
+            },
+        }
+    }
+
+    fn ordering_key(&self, item: &Item) -> Option<Vec<u8>> {
+        // One result of a ticket at a time, so a ticket is never in two batches at once and its
+        // results are written in offset order.
+        match item {
+            Item::Triage(triage) => Some(triage.ticket_id.as_bytes().to_vec()),
+            Item::Reject { record, .. } => record.key().map(<[u8]>::to_vec),
+        }
+    }
+
+    async fn handle(&self, item: Item) -> Disposition {
+        match item {
+            Item::Triage(triage) => {
+                let (written_tx, written_rx) = oneshot::channel();
+                let pending = Pending { triage, written_tx };
+                if self.pending_tx.send(pending).await.is_err() {
+                    return Disposition::Abandon;
+                }
+                match written_rx.await {
+                    Ok(()) => Disposition::Done,
+                    Err(_) => Disposition::Abandon,
+                }
+            }
+            Item::Reject {
+                record,
+                class,
+                message,
+                ids,
+            } => self.dead_letter(&record, class, message, ids).await,
+        }
+    }
+}
+
+impl ResultHandler {
+    /// Produces the record's dead letter, retrying until the broker acknowledges it; only a
+    /// shutdown gives up (the record is then consumed again).
+    async fn dead_letter(
+        &self,
+        record: &OwnedMessage,
+        class: ErrorClass,
+        message: String,
+        ids: Option<(String, String)>,
+    ) -> Disposition {
+        let mut failure = Failure::immediate(class, message);
+        if let Some((ticket_id, tenant_id)) = &ids {
+            failure = failure.for_ticket(ticket_id, tenant_id);
+        }
+        let envelope = dead_letter::envelope(record, failure, crate::SERVICE);
+        let key = dead_letter::record_key(&envelope);
+        let trace = headers::extract_trace_context(record.headers());
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(self.retry_min_delay)
+            .with_max_delay(self.retry_max_delay)
+            .without_max_times()
+            .with_jitter()
+            .build();
+        loop {
+            match self
+                .producer
+                .send(&self.dead_letters_topic, &key, &envelope, &trace)
+                .await
+            {
+                Ok(_) => {
+                    self.metrics.dead_letters.inc();
+                    tracing::debug!(
+                        topic = record.topic(),
+                        partition = record.partition(),
+                        offset = record.offset(),
+                        error_class = class.label(),
+                        "result record dead-lettered"
+                    );
+                    return Disposition::Done;
+                }
+                Err(error) => {
+                    if self.shutdown.is_triggered() {
+                        return Disposition::Abandon;
+                    }
+                    let delay = delays.next().unwrap_or(self.retry_max_delay);
+                    tracing::warn!(error = %error, retry_in = ?delay, "failed to produce a dead letter; retrying");
+                    let mut shutdown = self.shutdown.clone();
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.wait() => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
