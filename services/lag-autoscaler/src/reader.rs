@@ -176,10 +176,10 @@ impl OffsetReader {
                 .fetch_group_list(Some(&target.group), self.timeout)
             {
                 Ok(list) => {
-                    if let Some(group) = list.groups().iter().find(|g| g.name() == target.group) {
-                        reading.members = Some(group.members().len());
-                        reading.group_state = Some(group.state().to_owned());
-                    }
+                    // A group the coordinator does not know has no members.
+                    let found = list.groups().iter().find(|g| g.name() == target.group);
+                    reading.members = Some(found.map_or(0, |g| g.members().len()));
+                    reading.group_state = found.map(|g| g.state().to_owned());
                 }
                 Err(error) => reading.error = Some(format!("group list: {error}")),
             }
