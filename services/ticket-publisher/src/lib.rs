@@ -50,13 +50,7 @@ pub const SERVICE: &str = "ticket-publisher";
 
 /// Builds the ingress core from configuration: producer, keys, Redis store.
 pub fn build_ingress(config: &Config, metrics: IngressMetrics) -> anyhow::Result<Ingress> {
-    let producer = ContractProducer::new(
-        &config.kafka,
-        SERVICE,
-        ContentType::Protobuf,
-        config.ingress.delivery_timeout,
-    )
-    .context("failed to create the ingress producer")?;
+    let producer = ingress_producer(config).context("failed to create the ingress producer")?;
     let keys = ApiKeys::load(&config.auth).context("failed to load API keys")?;
     if keys.is_empty() {
         tracing::warn!("no API keys configured; every ticket will be refused with 401");
@@ -71,6 +65,30 @@ pub fn build_ingress(config: &Config, metrics: IngressMetrics) -> anyhow::Result
         store,
         metrics,
     ))
+}
+
+/// The ingress producer: idempotent, `acks=all`, and bounded by `ingress.delivery_timeout`
+/// including requests already on the wire (`request.timeout.ms`), so a dead broker yields a 503
+/// within the bound instead of waiting for the socket to time out.
+pub fn ingress_producer(
+    config: &Config,
+) -> Result<ContractProducer, triage_runtime::kafka::KafkaError> {
+    let mut kafka = config.kafka.clone();
+    let request_timeout = config
+        .ingress
+        .delivery_timeout
+        .as_millis()
+        .clamp(100, 30_000);
+    kafka
+        .extra
+        .entry("request.timeout.ms".into())
+        .or_insert_with(|| request_timeout.to_string());
+    ContractProducer::new(
+        &kafka,
+        SERVICE,
+        ContentType::Protobuf,
+        config.ingress.delivery_timeout,
+    )
 }
 
 /// Serves the HTTP API and the gRPC service on already bound listeners until `shutdown`.
@@ -194,9 +212,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         tracing::warn!(timeout = ?config.admin.drain_timeout, "drain deadline passed; stopping anyway");
         tasks.abort_all();
     }
-    if outcome.is_err() {
-        return outcome;
-    }
+    outcome?;
     admin.task.await??;
     Ok(())
 }

@@ -105,6 +105,8 @@ struct Inner {
     max_body_bytes: usize,
     max_batch_items: usize,
     metrics: IngressMetrics,
+    /// The longest a caller waits for an answer about the broker.
+    answer_deadline: Duration,
 }
 
 impl Ingress {
@@ -129,6 +131,7 @@ impl Ingress {
                 max_body_bytes: config.max_body_bytes,
                 max_batch_items: config.max_batch_items,
                 metrics,
+                answer_deadline: config.delivery_timeout + Duration::from_millis(250),
             }),
         }
     }
@@ -180,17 +183,28 @@ impl Ingress {
         trace: &opentelemetry::Context,
     ) -> Result<Accepted, ApiError> {
         let event = ticket.into_event(tenant);
-        let delivered = self
+        let unavailable = ApiError::BrokerUnavailable {
+            retry_after: BROKER_RETRY_AFTER,
+        };
+        // librdkafka enforces the bound itself; this backstop keeps the promise to the caller
+        // even where it cannot (a request stuck on a half-open connection). Such a record may
+        // still be written later: a 503 means "not known to be accepted", and the caller's retry
+        // with the same Idempotency-Key or ticket_id is how duplicates are avoided.
+        let send = self
             .inner
             .producer
-            .send(&self.inner.topic, &event.ticket_id, &event, trace)
-            .await
-            .map_err(|error| {
+            .send(&self.inner.topic, &event.ticket_id, &event, trace);
+        let delivered = match tokio::time::timeout(self.inner.answer_deadline, send).await {
+            Ok(Ok(delivered)) => delivered,
+            Ok(Err(error)) => {
                 tracing::debug!(error = %error, "ticket not acknowledged by the broker");
-                ApiError::BrokerUnavailable {
-                    retry_after: BROKER_RETRY_AFTER,
-                }
-            })?;
+                return Err(unavailable);
+            }
+            Err(_) => {
+                tracing::debug!(deadline = ?self.inner.answer_deadline, "ticket not acknowledged in time");
+                return Err(unavailable);
+            }
+        };
         Ok(Accepted {
             ticket_id: event.ticket_id,
             partition: delivered.partition,

@@ -18,7 +18,7 @@ use ticket_publisher::{
     ingress::{Ingress, IngressMetrics, http::router},
 };
 use tower::ServiceExt;
-use triage_runtime::{config::Secret, kafka::producer::ContractProducer};
+use triage_runtime::config::Secret;
 use triage_test_support::{Stack, TestContext};
 
 pub const ACME_KEY: &str = "acme-secret-key";
@@ -42,13 +42,7 @@ pub fn config(ctx: &TestContext) -> Config {
 }
 
 pub fn ingress(config: &Config) -> Ingress {
-    let producer = ContractProducer::new(
-        &config.kafka,
-        ticket_publisher::SERVICE,
-        triage_proto::ContentType::Protobuf,
-        config.ingress.delivery_timeout,
-    )
-    .unwrap();
+    let producer = ticket_publisher::ingress_producer(config).unwrap();
     let store = IdempotencyStore::new(&config.redis, config.ingress.idempotency_ttl).unwrap();
     Ingress::new(
         &config.ingress,

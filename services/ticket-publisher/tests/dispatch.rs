@@ -1,0 +1,211 @@
+//! The dispatch stage against the real broker: events published by an outside producer (JSON or
+//! protobuf) become tasks keyed by tenant, poison events become dead letters while the next
+//! ones flow, and the trace continues from the event to the task.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use common::*;
+use rdkafka::{
+    Message,
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+};
+use ticket_publisher::dispatch::{DispatchMetrics, Dispatcher};
+use triage_proto::{
+    ContentType,
+    v1::{Customer, DeadLetter, ErrorClass, InferenceTask, TicketCreated},
+};
+use triage_runtime::shutdown;
+use triage_test_support::{TestContext, client_config, consumer, header, read_for, read_records};
+
+const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+fn event(ticket_id: &str, tenant: &str) -> TicketCreated {
+    TicketCreated {
+        ticket_id: ticket_id.into(),
+        tenant_id: tenant.into(),
+        subject: "Login broken".into(),
+        description: "I cannot log in since this morning".into(),
+        customer: Some(Customer {
+            id: "c-1".into(),
+            email: None,
+            tier: Some("enterprise".into()),
+        }),
+        channel: "web".into(),
+        created_at: Some(triage_proto::timestamp(std::time::SystemTime::now())),
+        ..Default::default()
+    }
+}
+
+async fn publish(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    value: &[u8],
+    headers: &[(&str, &str)],
+) {
+    let mut owned = OwnedHeaders::new();
+    for (key, value) in headers {
+        owned = owned.insert(Header {
+            key,
+            value: Some(*value),
+        });
+    }
+    producer
+        .send(
+            FutureRecord::to(topic)
+                .key(key)
+                .payload(value)
+                .headers(owned),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}
+
+#[tokio::test]
+async fn outside_json_and_protobuf_events_are_dispatched_and_poison_is_dead_lettered() {
+    let ctx = TestContext::new("tp_dispatch");
+    ctx.create_topics(2).await;
+    let mut config = config(&ctx);
+    config.dispatch.batch_max_records = 3;
+    let dispatcher = Dispatcher::start(Arc::new(config), DispatchMetrics::default())
+        .await
+        .unwrap();
+    let (trigger, stop) = shutdown::channel();
+    let stage = tokio::spawn(dispatcher.run(stop));
+
+    let producer: FutureProducer = client_config().create().unwrap();
+    let topic = &ctx.topics.tickets_created;
+    let protobuf = triage_proto::encode(&event("t-proto", "acme"), ContentType::Protobuf);
+    publish(
+        &producer,
+        topic,
+        "t-proto",
+        &protobuf,
+        &[
+            ("content-type", "application/x-protobuf"),
+            ("traceparent", TRACEPARENT),
+        ],
+    )
+    .await;
+    publish(
+        &producer,
+        topic,
+        "t-bad",
+        b"\xff\xfe not a ticket",
+        &[("content-type", "application/x-protobuf")],
+    )
+    .await;
+    let mut no_tenant = event("t-no-tenant", "");
+    no_tenant.tenant_id.clear();
+    let json = triage_proto::encode(&no_tenant, ContentType::Json);
+    publish(
+        &producer,
+        topic,
+        "t-no-tenant",
+        &json,
+        &[("content-type", "application/json")],
+    )
+    .await;
+    // An outside producer that sends JSON without any header at all.
+    let json = triage_proto::encode(&event("t-json", "globex"), ContentType::Json);
+    publish(&producer, topic, "t-json", &json, &[]).await;
+    publish(
+        &producer,
+        topic,
+        "t-yaml",
+        b"subject: hi",
+        &[("content-type", "text/yaml")],
+    )
+    .await;
+    let protobuf = triage_proto::encode(&event("t-after", "acme"), ContentType::Protobuf);
+    publish(
+        &producer,
+        topic,
+        "t-after",
+        &protobuf,
+        &[("content-type", "application/x-protobuf")],
+    )
+    .await;
+
+    let tasks_topic = consumer(&ctx.topics.inference_tasks);
+    let tasks = read_records(&tasks_topic, 3, READ_TIMEOUT).await;
+    let mut by_ticket = std::collections::HashMap::new();
+    for record in &tasks {
+        let task: InferenceTask =
+            triage_proto::decode(record.payload().unwrap(), header(record, "content-type"))
+                .unwrap();
+        assert_eq!(
+            record.key(),
+            Some(task.tenant_id.as_bytes()),
+            "tasks are keyed by tenant"
+        );
+        assert_eq!(
+            header(record, "ce_type"),
+            Some("ticketing.v1.InferenceTask")
+        );
+        assert_eq!(
+            task.idempotency_key,
+            triage_proto::idempotency_key(&task.ticket_id, "triage-v1", "gpt-4o-mini")
+        );
+        assert!(task.messages[1].content.starts_with("<ticket>"));
+        assert!(
+            task.accepted_at.is_some()
+                && task.dispatched_at.is_some()
+                && task.ticket_created_at.is_some()
+        );
+        by_ticket.insert(task.ticket_id.clone(), record.clone());
+    }
+    let mut ids: Vec<_> = by_ticket.keys().cloned().collect();
+    ids.sort();
+    assert_eq!(ids, ["t-after", "t-json", "t-proto"]);
+    let traced = header(&by_ticket["t-proto"], "traceparent").unwrap();
+    assert!(
+        traced.starts_with("00-0af7651916cd43dd8448eb211c80319c-"),
+        "{traced}"
+    );
+
+    let dlq = consumer(&ctx.topics.dead_letters);
+    let letters = read_records(&dlq, 3, READ_TIMEOUT).await;
+    let mut classes = Vec::new();
+    for record in &letters {
+        let letter: DeadLetter =
+            triage_proto::decode(record.payload().unwrap(), header(record, "content-type"))
+                .unwrap();
+        assert_eq!(letter.failed_service, "ticket-publisher");
+        assert_eq!(letter.source_topic, *topic);
+        assert_eq!(record.key(), Some(letter.original_key.as_slice()));
+        match letter.original_key.as_slice() {
+            b"t-bad" => {
+                assert_eq!(letter.original_value, b"\xff\xfe not a ticket");
+                assert_eq!(letter.original_headers[0].key, "content-type");
+            }
+            b"t-no-tenant" => assert_eq!(letter.ticket_id, "t-no-tenant"),
+            _ => {}
+        }
+        classes.push((
+            String::from_utf8(letter.original_key).unwrap(),
+            ErrorClass::try_from(letter.error_class).unwrap(),
+        ));
+    }
+    classes.sort();
+    assert_eq!(
+        classes,
+        [
+            ("t-bad".into(), ErrorClass::Decode),
+            ("t-no-tenant".into(), ErrorClass::InvalidEvent),
+            ("t-yaml".into(), ErrorClass::Decode),
+        ]
+    );
+    assert!(
+        read_for(&tasks_topic, Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+    trigger.fire();
+    stage.await.unwrap().unwrap();
+}
