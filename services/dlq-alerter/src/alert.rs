@@ -284,7 +284,7 @@ pub fn describe_window(window: Duration) -> String {
         }
     };
     let secs = window.as_secs();
-    if window.subsec_nanos() == 0 && secs >= 60 && secs % 60 == 0 {
+    if window.subsec_nanos() == 0 && secs >= 60 && secs.is_multiple_of(60) {
         plural(secs / 60, "minute")
     } else if window.subsec_nanos() == 0 && secs > 0 {
         plural(secs, "second")

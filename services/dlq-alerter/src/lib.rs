@@ -8,7 +8,7 @@
 //! - [`aggregate`]: one full alert per error class and window, the rest folded into a summary.
 //! - [`output`]: Slack Block Kit and JSON bodies, and delivery that never gives up.
 //! - [`replay`]: the `replay` subcommand: list dead letters and re-publish their tasks.
-//! - [`metrics`]: `triage_dlq_*`.
+//! - [`metrics`]: the `triage_dlq_*` metrics.
 //!
 //! # When an offset is committed
 //! The shared consumer runtime commits a record only once [`AlertHandler::handle`] returns

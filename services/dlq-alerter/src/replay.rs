@@ -323,8 +323,8 @@ pub async fn replay(
     };
     writeln!(
         out,
-        "{:<36}  {:<17}  {:<16}  {:<24}  {:<24}  {:<8}  {}",
-        "DEAD LETTER", "CLASS", "TENANT", "TICKET", "LAST FAILURE", "AT", "REPLAY"
+        "{:<36}  {:<17}  {:<16}  {:<24}  {:<24}  {:<8}  REPLAY",
+        "DEAD LETTER", "CLASS", "TENANT", "TICKET", "LAST FAILURE", "AT"
     )?;
     let mut planned = Vec::with_capacity(matches.len());
     for listed in &matches {
