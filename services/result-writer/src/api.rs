@@ -383,9 +383,9 @@ pub async fn stream_triage(
                         .json_data(&*triage)
                         .expect("a triage serialises"),
                     Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(missed)) => Event::default()
-                        .event("lagged")
-                        .data(missed.to_string()),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        Event::default().event("lagged").data(missed.to_string())
+                    }
                     Err(broadcast::error::RecvError::Closed) => return None,
                 };
                 return Some((Ok(event), (published_rx, tenant, client)));

@@ -83,21 +83,23 @@ impl BatchWriter {
             .build();
         let mut failed = false;
         let changed = loop {
-            let error = match tokio::time::timeout(
-                self.database.write_timeout,
-                self.store.upsert(&rows),
-            )
-            .await
-            {
-                Ok(Ok(changed)) => break changed,
-                Ok(Err(error)) => error.to_string(),
-                Err(_) => format!("no commit within {:?}", self.database.write_timeout),
-            };
+            let error =
+                match tokio::time::timeout(self.database.write_timeout, self.store.upsert(&rows))
+                    .await
+                {
+                    Ok(Ok(changed)) => break changed,
+                    Ok(Err(error)) => error.to_string(),
+                    Err(_) => format!("no commit within {:?}", self.database.write_timeout),
+                };
             self.metrics.db_errors.inc();
             self.gate.close();
             failed = true;
             if shutdown.is_triggered() {
-                tracing::warn!(results, error, "batch not written before shutdown; its records stay uncommitted and will be consumed again");
+                tracing::warn!(
+                    results,
+                    error,
+                    "batch not written before shutdown; its records stay uncommitted and will be consumed again"
+                );
                 return;
             }
             let delay = delays.next().unwrap_or(self.database.retry_max_delay);
@@ -214,7 +216,13 @@ mod tests {
         assert_eq!(waiters.len(), 6);
         let categories: Vec<_> = rows
             .iter()
-            .map(|r| (r.ticket_id.as_str(), r.prompt_version.as_str(), r.category.as_str()))
+            .map(|r| {
+                (
+                    r.ticket_id.as_str(),
+                    r.prompt_version.as_str(),
+                    r.category.as_str(),
+                )
+            })
             .collect();
         assert_eq!(
             categories,

@@ -223,7 +223,12 @@ impl Validate for Config {
             && !database.url.expose().starts_with("postgresql://")
         {
             problems.push("database.url must be a postgres:// URL".into());
-        } else if database.url.expose().parse::<tokio_postgres::Config>().is_err() {
+        } else if database
+            .url
+            .expose()
+            .parse::<tokio_postgres::Config>()
+            .is_err()
+        {
             // The parser's message may quote the URL, password included: say only where.
             problems.push("database.url is not a valid PostgreSQL connection URL".into());
         }
@@ -249,7 +254,8 @@ impl Validate for Config {
             }
         }
         if database.retry_max_delay < database.retry_min_delay {
-            problems.push("database.retry_max_delay must not be shorter than retry_min_delay".into());
+            problems
+                .push("database.retry_max_delay must not be shorter than retry_min_delay".into());
         }
         if self.batch.max_rows == 0 || self.batch.max_rows > 10_000 {
             problems.push("batch.max_rows must be between 1 and 10000".into());
@@ -299,8 +305,7 @@ impl Validate for Config {
                 ));
             }
         }
-        if webhooks.queue_capacity == 0 || webhooks.concurrency == 0 || webhooks.max_attempts == 0
-        {
+        if webhooks.queue_capacity == 0 || webhooks.concurrency == 0 || webhooks.max_attempts == 0 {
             problems.push(
                 "webhooks.queue_capacity, concurrency and max_attempts must be at least 1".into(),
             );

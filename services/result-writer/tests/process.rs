@@ -2,14 +2,22 @@
 
 use triage_test_support::{
     TestContext, assert_bad_config_fails_with_one_line_naming_the_key,
-    assert_starts_ready_and_exits_zero_on_sigterm,
+    assert_starts_ready_and_exits_zero_on_sigterm, free_port,
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_result-writer");
 
 #[tokio::test]
 async fn starts_ready_and_exits_zero_on_sigterm() {
-    let env = TestContext::new("result_writer").service_env();
+    let ctx = TestContext::new("result_writer");
+    let mut env = ctx.service_env();
+    // Its own schema and API port, so that parallel tests and other services are unaffected.
+    env.push(("TRIAGE_DATABASE__SCHEMA".into(), ctx.db_schema.clone()));
+    env.push((
+        "TRIAGE_API__LISTEN".into(),
+        format!("127.0.0.1:{}", free_port()),
+    ));
+    env.push(("TRIAGE_CONSUMER__GROUP_ID".into(), ctx.group("writer")));
     assert_starts_ready_and_exits_zero_on_sigterm(BINARY, result_writer::SERVICE, &env).await;
 }
 
