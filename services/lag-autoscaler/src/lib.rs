@@ -58,6 +58,7 @@ pub async fn run(config: Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     let metrics_handle = registry.freeze();
     let initial = LagSnapshot {
         taken_at_ms: 0,
+        offsets_read_at: None,
         groups: targets.iter().map(GroupLag::pending).collect(),
     };
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(initial));
@@ -107,7 +108,8 @@ pub async fn run(config: Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         let snapshot = Arc::new(snapshot);
         snapshot_tx.send_replace(Arc::clone(&snapshot));
         if let Some(direct) = &mut direct {
-            direct.tick(&snapshot, Instant::now()).await;
+            let observed_at = snapshot.offsets_read_at.unwrap_or_else(Instant::now);
+            direct.tick(&snapshot, observed_at).await;
         }
     }
 

@@ -60,11 +60,13 @@ impl Monitor {
     pub async fn poll(&mut self) -> Option<LagSnapshot> {
         let mut reader = self.reader.take()?;
         let targets = self.targets.clone();
+        let started = std::time::Instant::now();
         let joined = tokio::task::spawn_blocking(move || {
             let result = reader.read(&targets);
             (reader, result)
         })
         .await;
+        tracing::debug!(elapsed = ?started.elapsed(), "offsets read");
         let (reader, result) = match joined {
             Ok(done) => done,
             Err(error) => {
@@ -75,7 +77,11 @@ impl Monitor {
         };
         self.reader = Some(reader);
         match result {
-            Ok(readings) => Some(self.apply(&readings, now_ms())),
+            Ok((readings, offsets_read_at)) => {
+                let mut snapshot = self.apply(&readings, now_ms());
+                snapshot.offsets_read_at = Some(offsets_read_at);
+                Some(snapshot)
+            }
             Err(error) => {
                 self.report_poll_error(&error);
                 None
@@ -117,6 +123,7 @@ impl Monitor {
         }
         LagSnapshot {
             taken_at_ms: now_ms,
+            offsets_read_at: None,
             groups,
         }
     }

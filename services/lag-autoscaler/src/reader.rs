@@ -144,8 +144,12 @@ impl OffsetReader {
         })
     }
 
-    /// Reads every target once. Blocking.
-    pub fn read(&mut self, targets: &[GroupTarget]) -> Result<Vec<GroupReading>, ReadError> {
+    /// Reads every target once; also returns when the offsets were read (before the record
+    /// timestamps, which may take longer). Blocking.
+    pub fn read(
+        &mut self,
+        targets: &[GroupTarget],
+    ) -> Result<(Vec<GroupReading>, Instant), ReadError> {
         let metadata = self
             .metadata
             .fetch_metadata(None, self.timeout)
@@ -191,8 +195,10 @@ impl OffsetReader {
             }
             readings.push(reading);
         }
+        let offsets_read_at = Instant::now();
         self.read_timestamps(&mut readings);
-        Ok(readings)
+        tracing::debug!(elapsed = ?offsets_read_at.elapsed(), "record timestamps read");
+        Ok((readings, offsets_read_at))
     }
 
     fn read_partitions(

@@ -1,7 +1,7 @@
 //! The lag of every watched group at one poll: what `/metrics`, `/api/v1/lag`, the External
 //! Metrics API and direct mode all read.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Instant};
 
 use serde::Serialize;
 
@@ -15,6 +15,9 @@ use crate::{
 pub struct LagSnapshot {
     /// When the offsets were read, Unix milliseconds; 0 before the first poll.
     pub taken_at_ms: i64,
+    /// When the offsets were read, for decisions that compare polls in time.
+    #[serde(skip)]
+    pub offsets_read_at: Option<Instant>,
     pub groups: Vec<GroupLag>,
 }
 

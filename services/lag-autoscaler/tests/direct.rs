@@ -163,21 +163,28 @@ current-context: test
     )
 }
 
+/// Queues every record before awaiting any delivery, so that they land together and a poll
+/// rarely sees only part of them.
 async fn produce(topic: &str, partitions: i32, per_partition: usize) {
     let producer: FutureProducer = client_config().create().unwrap();
-    for partition in 0..partitions {
-        for index in 0..per_partition {
-            let payload = format!("record-{index}");
+    let payloads: Vec<(i32, String)> = (0..partitions)
+        .flat_map(|p| (0..per_partition).map(move |i| (p, format!("record-{i}"))))
+        .collect();
+    let deliveries: Vec<_> = payloads
+        .iter()
+        .map(|(partition, payload)| {
             producer
-                .send(
+                .send_result(
                     FutureRecord::<(), _>::to(topic)
-                        .partition(partition)
-                        .payload(&payload),
-                    Duration::from_secs(10),
+                        .partition(*partition)
+                        .payload(payload),
                 )
-                .await
-                .unwrap();
-        }
+                .map_err(|(error, _)| error)
+                .expect("record queued")
+        })
+        .collect();
+    for delivery in deliveries {
+        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
     }
 }
 
@@ -214,12 +221,29 @@ fn decisions(log: &str) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test]
-async fn scales_up_on_lag_capped_at_partitions_and_down_after_the_stabilisation_window() {
-    let context = TestContext::new("lag-direct");
+/// The scale-down stabilisation window of these tests.
+const SCALE_DOWN_WINDOW: Duration = Duration::from_secs(3);
+
+/// One test's world: its topic, the stand-in API with Deployment `worker` at one replica, and
+/// the binary in direct mode (after its first poll), configured through a file and a kubeconfig.
+struct Setup {
+    topic: String,
+    group: String,
+    cluster: Shared,
+    process: ServiceProcess,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+async fn setup(name: &str, partitions: i32, dry_run: bool) -> Setup {
+    let context = TestContext::new(name);
     let topic = context.topics.inference_tasks.clone();
     let group = context.group("worker");
-    let partitions = 4;
     create_topics(&[&topic], partitions).await;
 
     let cluster: Shared = Arc::default();
@@ -230,7 +254,6 @@ async fn scales_up_on_lag_capped_at_partitions_and_down_after_the_stabilisation_
     let kubeconfig_path = dir.join("kubeconfig");
     std::fs::write(&kubeconfig_path, kubeconfig(&server)).unwrap();
     let config_path = dir.join("lag-autoscaler.toml");
-    let scale_down_window = Duration::from_secs(3);
     std::fs::write(
         &config_path,
         format!(
@@ -249,16 +272,17 @@ enabled = false
 
 [direct]
 enabled = true
+dry_run = {dry_run}
 kubeconfig = "{kubeconfig}"
 target_lag_per_replica = 10
 min_replicas = 1
 max_replicas = 10
-scale_up_stabilization = "600ms"
+scale_up_stabilization = "1s"
 scale_down_stabilization = "{down}ms"
 cooldown = "1s"
 "#,
             kubeconfig = kubeconfig_path.display(),
-            down = scale_down_window.as_millis(),
+            down = SCALE_DOWN_WINDOW.as_millis(),
         ),
     )
     .unwrap();
@@ -266,36 +290,73 @@ cooldown = "1s"
     let mut process = ServiceProcess::spawn(
         BINARY.as_ref(),
         &["--config", config_path.to_str().unwrap()],
-        &context.service_env(),
+        &[
+            context.service_env(),
+            vec![(
+                "TRIAGE_TELEMETRY__LOG_LEVEL".into(),
+                "info,lag_autoscaler=debug".into(),
+            )],
+        ]
+        .concat(),
     );
     process.wait_ready(Duration::from_secs(30)).await;
     wait_until("the first poll", Duration::from_secs(10), || {
         lag(&process, &group)
     })
     .await;
+    Setup {
+        topic,
+        group,
+        cluster,
+        process,
+        dir,
+    }
+}
+
+#[tokio::test]
+async fn scales_up_on_lag_capped_at_partitions_and_down_after_the_stabilisation_window() {
+    let partitions = 4;
+    let setup = setup("lag-direct", partitions, false).await;
+    let Setup {
+        topic,
+        group,
+        cluster,
+        process,
+        ..
+    } = &setup;
+    let scale_down_window = SCALE_DOWN_WINDOW;
 
     // 100 records over 4 partitions: lag asks for 10 replicas, the partitions allow 4.
-    produce(&topic, partitions, 25).await;
-    let up = wait_until("a scale-up", Duration::from_secs(15), || async {
-        cluster.lock().unwrap().patches.first().cloned()
-    })
+    produce(topic, partitions, 25).await;
+    // Records that arrive across polls may take the count up in steps; it ends at 4.
+    wait_until(
+        "the scale-up to 4 replicas",
+        Duration::from_secs(15),
+        || async { (cluster.lock().unwrap().replicas["worker"] == 4).then_some(()) },
+    )
     .await;
-    assert_eq!((up.deployment.as_str(), up.replicas), ("worker", 4));
+    let ups = cluster.lock().unwrap().patches.clone();
+    assert!(
+        ups.windows(2).all(|w| w[0].replicas < w[1].replicas)
+            && ups.iter().all(|p| p.deployment == "worker"),
+        "{ups:?}"
+    );
 
     // The group catches up; one scale-down follows, only after the window.
-    commit(&group, &topic, partitions, 25);
+    commit(group, topic, partitions, 25);
     let caught_up = Instant::now();
     let down = wait_until(
         "a scale-down",
         scale_down_window + Duration::from_secs(10),
-        || async { cluster.lock().unwrap().patches.get(1).cloned() },
+        || async { cluster.lock().unwrap().patches.get(ups.len()).cloned() },
     )
     .await;
     assert_eq!(down.replicas, 1);
-    // Lag was last seen above zero at most one poll before the commit.
+    // Lag was last seen above zero about one poll before the commit; without the window the
+    // scale-down would follow within a poll or two, well under a second.
     let held_for = down.at.duration_since(caught_up);
     assert!(
-        held_for >= scale_down_window - Duration::from_millis(300),
+        held_for >= scale_down_window - Duration::from_secs(1),
         "scaled down {held_for:?} after the lag went, within the {scale_down_window:?} window"
     );
 
@@ -311,32 +372,32 @@ cooldown = "1s"
             )
         })
         .collect();
-    let position = |direction: &str, reason: &str| {
+    let find = |direction: &str, reason: &str, after: Option<usize>| {
         summary
             .iter()
-            .position(|(d, r, _)| d == direction && r == reason)
+            .enumerate()
+            .position(|(i, (d, r, _))| after.is_none_or(|a| i > a) && d == direction && r == reason)
             .unwrap_or_else(|| panic!("no {direction}/{reason} decision in {summary:?}\n{log}"))
     };
-    let up_held = position("hold", "stabilization_window");
-    let scaled_up = position("up", "capped_at_partitions");
-    let down_held = summary
-        .iter()
-        .enumerate()
-        .position(|(i, (d, r, _))| i > scaled_up && d == "hold" && r == "stabilization_window")
-        .unwrap_or_else(|| panic!("no hold before the scale-down in {summary:?}"));
-    let scaled_down = position("down", "bounds");
+    // Lag appeared after a poll without it: the scale-up window holds first.
+    let up_held = find("hold", "stabilization_window", None);
+    let scaled_up = find("up", "capped_at_partitions", None);
+    let down_held = find("hold", "stabilization_window", Some(scaled_up));
+    let scaled_down = find("down", "bounds", None);
     assert!(
         up_held < scaled_up && scaled_up < down_held && down_held < scaled_down,
         "{summary:?}"
     );
     assert_eq!(summary[scaled_up].2, 4);
     assert_eq!(summary[scaled_down].2, 1);
+    let up_decisions = summary.iter().filter(|(d, _, _)| d == "up").count();
+    assert_eq!(up_decisions, ups.len(), "{summary:?}");
     for decision in &decided {
         for field in ["deployment", "current", "desired", "lag", "reason"] {
             assert!(!decision[field].is_null(), "{field} missing in {decision}");
         }
     }
-    // More lag than 4 replicas absorb (the records may still be arriving at that poll).
+    // More lag than 4 replicas absorb.
     let lag_at_scale_up = decided[scaled_up]["lag"].as_i64().unwrap();
     assert!((41..=100).contains(&lag_at_scale_up), "{lag_at_scale_up}");
 
@@ -355,7 +416,7 @@ cooldown = "1s"
             .find_map(|l| l.strip_prefix(&prefix))
             .map(|v| v.parse::<f64>().unwrap())
     };
-    assert_eq!(count("up"), Some(1.0), "{metrics}");
+    assert_eq!(count("up"), Some(ups.len() as f64), "{metrics}");
     assert_eq!(count("down"), Some(1.0), "{metrics}");
     let holds = decided.iter().filter(|d| d["direction"] == "hold").count();
     assert_eq!(count("hold"), Some(holds as f64), "{metrics}");
@@ -367,10 +428,58 @@ cooldown = "1s"
     {
         let cluster = cluster.lock().unwrap();
         assert!(cluster.refused.is_empty(), "{:?}", cluster.refused);
-        assert_eq!(cluster.patches.len(), 2, "{:?}", cluster.patches);
+        assert_eq!(
+            cluster.patches.len(),
+            ups.len() + 1,
+            "{:?}",
+            cluster.patches
+        );
         assert!(cluster.patches.iter().all(|p| p.replicas <= partitions));
     }
-    process.signal("TERM");
-    assert!(process.wait_exit(Duration::from_secs(5)).await.success());
-    std::fs::remove_dir_all(&dir).ok();
+    stop(setup).await;
+}
+
+async fn stop(mut setup: Setup) {
+    setup.process.signal("TERM");
+    let status = setup.process.wait_exit(Duration::from_secs(5)).await;
+    assert!(status.success(), "{}", setup.process.log());
+}
+
+#[tokio::test]
+async fn a_dry_run_logs_and_counts_decisions_and_patches_nothing() {
+    let partitions = 2;
+    let setup = setup("lag-direct-dry", partitions, true).await;
+    produce(&setup.topic, partitions, 15).await;
+    let decided = wait_until(
+        "a dry-run scale-up decision",
+        Duration::from_secs(15),
+        || async {
+            decisions(&setup.process.log())
+                .into_iter()
+                .find(|d| d["direction"] == "up")
+        },
+    )
+    .await;
+    assert_eq!(decided["dry_run"], true);
+    assert_eq!(decided["desired"], 2, "{decided}");
+    assert_eq!(decided["reason"], "capped_at_partitions");
+    let metrics = reqwest::get(setup.process.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "triage_autoscaler_decisions_total{deployment=\"worker\",direction=\"up\"} 1"
+        ),
+        "{metrics}"
+    );
+    // The scale was read, never written.
+    {
+        let cluster = setup.cluster.lock().unwrap();
+        assert!(cluster.patches.is_empty(), "{:?}", cluster.patches);
+        assert_eq!(cluster.replicas["worker"], 1);
+    }
+    stop(setup).await;
 }
