@@ -280,7 +280,84 @@ pub async fn serve_tls(
 
 #[cfg(test)]
 mod tests {
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use serde_json::Value;
+    use tower::ServiceExt;
+
     use super::*;
+    use crate::{config::GroupTarget, status::GroupStatus};
+
+    fn group(name: &str, lag: i64, lag_seconds: Option<f64>, topic_exists: bool) -> GroupLag {
+        GroupLag {
+            lag,
+            lag_seconds,
+            topic_exists,
+            partitions: 3,
+            error: None,
+            status: GroupStatus::Ok,
+            ..GroupLag::pending(&GroupTarget::new(name, "topic", Some(name)))
+        }
+    }
+
+    async fn get_json(path: &str) -> (StatusCode, Value) {
+        let snapshot = LagSnapshot {
+            taken_at_ms: 1_700_000_000_000,
+            offsets_read_at: None,
+            groups: vec![
+                group("a", 7, Some(2.25), true),
+                group("b", 3, None, true),
+                group("gone", 0, None, false),
+            ],
+        };
+        let (_tx, rx) = watch::channel(Arc::new(snapshot));
+        let response = router(rx)
+            .oneshot(axum::http::Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    const BASE: &str = "/apis/external.metrics.k8s.io/v1beta1/namespaces/ns";
+
+    #[tokio::test]
+    async fn one_item_per_matching_group_whose_topic_exists() {
+        let (status, list) = get_json(&format!("{BASE}/kafka_consumergroup_lag")).await;
+        assert_eq!(status, StatusCode::OK);
+        let values: Vec<&str> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["value"].as_str().unwrap())
+            .collect();
+        assert_eq!(values, ["7", "3"]);
+        assert_eq!(list["items"][0]["timestamp"], "2023-11-14T22:13:20Z");
+    }
+
+    #[tokio::test]
+    async fn a_group_without_a_known_time_lag_has_no_item() {
+        let (_, list) = get_json(&format!("{BASE}/kafka_consumergroup_lag_seconds")).await;
+        let items = list["items"].as_array().unwrap();
+        assert_eq!(items.len(), 1, "{list}");
+        assert_eq!(items[0]["value"], "2250m");
+        assert_eq!(items[0]["metricLabels"]["group"], "a");
+    }
+
+    #[tokio::test]
+    async fn metric_names_are_matched_case_insensitively_and_unknown_paths_are_status_404() {
+        let (status, list) = get_json(&format!(
+            "{BASE}/Kafka_ConsumerGroup_Lag?labelSelector=group%3Db"
+        ))
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(list["items"][0]["value"], "3");
+        let (status, body) = get_json("/apis/custom.metrics.k8s.io/v1beta2").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["kind"], "Status");
+        assert_eq!(body["reason"], "NotFound");
+    }
 
     #[test]
     fn seconds_become_exact_quantities() {
