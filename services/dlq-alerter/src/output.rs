@@ -4,9 +4,10 @@
 //! # Delivery
 //! Each output posts its messages one at a time, in order ([`run_output`]). A 2xx is delivery.
 //! A 429 waits for its `Retry-After`; a 5xx, a timeout or a refused connection is retried with
-//! exponential backoff and jitter (`delivery.min_backoff` doubling up to `max_backoff`); any
-//! other 4xx (a revoked webhook, a payload Slack refuses) is retried the same way and logged as
-//! an error, because an operator must act and dropping the alert would lose the dead letter.
+//! exponential backoff and jitter (`delivery.min_backoff` doubling up to `max_backoff`). When
+//! Slack answers 400 (it refuses the blocks), the message is retried as its plain-text fallback.
+//! Any other 4xx (a revoked webhook) is retried like a 5xx and logged as an error, because an
+//! operator must act and dropping the alert would lose the dead letter.
 //! While any output fails, the consumer's [`FetchGate`] is closed, so a webhook that stays down
 //! stops consumption rather than piling up work.
 
@@ -179,8 +180,7 @@ impl Output {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.trim().parse::<u64>().ok())
-            .map(|seconds| Duration::from_secs(seconds).min(MAX_RETRY_AFTER));
+            .and_then(parse_retry_after);
         Err(DeliveryError::Status {
             output,
             status: status.as_u16(),
@@ -190,7 +190,13 @@ impl Output {
 
     /// Posts `body` until the webhook accepts it.
     pub async fn deliver(&self, body: &Value) {
-        let attempt = || self.post_once(body);
+        // Slack answers 400 when it refuses the blocks (e.g. `invalid_blocks`); the plain-text
+        // fallback still tells people, so it replaces them rather than retrying in vain.
+        let current = Mutex::new(body.clone());
+        let attempt = || async {
+            let body = current.lock().expect("body lock").clone();
+            self.post_once(&body).await
+        };
         let delivered = attempt
             .retry(self.backoff)
             .adjust(|error: &DeliveryError, backoff| match error {
@@ -200,7 +206,21 @@ impl Output {
                 } => Some(*wait),
                 _ => backoff,
             })
-            .notify(|error: &DeliveryError, wait| self.on_failure(error, wait))
+            .notify(|error: &DeliveryError, wait| {
+                self.on_failure(error, wait);
+                if self.kind == OutputKind::Slack
+                    && matches!(error, DeliveryError::Status { status: 400, .. })
+                {
+                    let mut body = current.lock().expect("body lock");
+                    if body.get("blocks").is_some() {
+                        tracing::warn!(
+                            output = "slack",
+                            "slack refused the blocks; sending the plain-text fallback"
+                        );
+                        *body = json!({ "text": body["text"].clone() });
+                    }
+                }
+            })
             .await;
         // Retries never end (`without_max_times`), so the only way out is success.
         if delivered.is_ok() {
@@ -234,6 +254,22 @@ impl Output {
             }
         }
     }
+}
+
+/// A `Retry-After` value: delay-seconds (what Slack sends) or an HTTP-date, capped at
+/// [`MAX_RETRY_AFTER`]. A date in the past means "now".
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+            (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// Completes the dead letters a message covers once every output has delivered it.
@@ -499,6 +535,23 @@ mod tests {
         );
         assert!(text.contains("t-2, t-3, …"), "{text}");
         assert!(text.contains("Tenants affected (1)"), "{text}");
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date() {
+        assert_eq!(parse_retry_after(" 30 "), Some(Duration::from_secs(30)));
+        assert_eq!(parse_retry_after("86400"), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        let in_a_minute = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc2822();
+        let wait = parse_retry_after(&in_a_minute).unwrap();
+        assert!(
+            wait > Duration::from_secs(55) && wait <= Duration::from_secs(60),
+            "{wait:?}"
+        );
+        assert_eq!(parse_retry_after("soon"), None);
     }
 
     #[test]

@@ -557,3 +557,43 @@ async fn a_webhook_down_for_a_while_loses_nothing_and_commits_nothing_early() {
     }
     service.stop().await;
 }
+
+/// Slack refuses the blocks with a 400: the alert is sent again as its plain-text fallback
+/// instead of being retried in vain or dropped.
+#[tokio::test]
+async fn a_slack_400_falls_back_to_the_plain_text_message() {
+    let context = TestContext::new("dlq-400");
+    context.create_topics(1).await;
+    let sink = Sink::start().await;
+    sink.script(&[Reply::Status(400)]);
+    let task = task("t-400", "acme", "hello");
+    let dead_letter = dead_letter_of_task(
+        &context,
+        "dl-400",
+        ErrorClass::ContentFilter,
+        &task,
+        ContentType::Json,
+        SystemTime::now(),
+    );
+    produce_all(
+        &context.topics.dead_letters,
+        &[Record::dead_letter(&dead_letter)],
+    )
+    .await;
+    let service = Running::start(config(&context, Some(sink.url("/slack")), None));
+    let group = context.group("alerter");
+    wait_until("the offset committed", DEADLINE, || async {
+        (committed_total(&group, &context.topics.dead_letters, 1) == 1).then_some(())
+    })
+    .await;
+    let posts = sink.posts();
+    assert_eq!(posts.len(), 1);
+    assert!(posts[0].body.get("blocks").is_none(), "{}", posts[0].raw);
+    let text = posts[0].body["text"].as_str().unwrap();
+    assert!(
+        text.contains("content_filter") && text.contains("t-400") && text.contains("--id dl-400"),
+        "{text}"
+    );
+    assert_eq!(sink.attempts()[0].status, 400);
+    service.stop().await;
+}
