@@ -218,6 +218,9 @@ pub fn read_matches(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
+        // Dead letters written in an aborted transaction (the dispatch stage writes them
+        // transactionally) never happened and must not be replayed.
+        .set("isolation.level", "read_committed")
         // A group id is required by librdkafka for a consumer even when nothing is committed.
         .set("group.id", format!("{SERVICE}-replay-reader"));
     let consumer: BaseConsumer = client_config

@@ -597,3 +597,51 @@ async fn a_slack_400_falls_back_to_the_plain_text_message() {
     assert_eq!(sink.attempts()[0].status, 400);
     service.stop().await;
 }
+
+/// SIGTERM while a window is open: its summary goes out at once instead of at the window's
+/// end, so the drain commits every folded dead letter and the next owner does not alert again.
+#[tokio::test]
+async fn shutdown_delivers_open_summaries_and_commits_them() {
+    let context = TestContext::new("dlq-drain");
+    context.create_topics(1).await;
+    let sink = Sink::start().await;
+    let now = SystemTime::now();
+    let records: Vec<Record> = (0..3)
+        .map(|n| {
+            let task = task(&format!("t-drain-{n}"), "acme", "hello");
+            Record::dead_letter(&dead_letter_of_task(
+                &context,
+                &format!("dl-drain-{n}"),
+                ErrorClass::RetriesExhausted,
+                &task,
+                ContentType::Protobuf,
+                now,
+            ))
+        })
+        .collect();
+    produce_all(&context.topics.dead_letters, &records).await;
+    // The default five-minute window: without the drain rule the summary would come far too late.
+    let service = Running::start(config(&context, None, Some(sink.url("/hook"))));
+    wait_until(
+        "the alert sent and two dead letters folded",
+        DEADLINE,
+        || async {
+            let pending = metric(&service.metrics().await, "triage_dlq_pending_alerts", &[])?;
+            (sink.posts().len() == 1 && pending == 2.0).then_some(())
+        },
+    )
+    .await;
+    let group = context.group("alerter");
+    let stopping = Instant::now();
+    service.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        stopping.elapsed()
+    );
+    let posts = sink.posts();
+    assert_eq!(posts.len(), 2);
+    assert_eq!(posts[1].body["type"], "summary");
+    assert_eq!(posts[1].body["summary"]["count"], 2);
+    assert_eq!(committed_total(&group, &context.topics.dead_letters, 1), 3);
+}
