@@ -255,8 +255,19 @@ impl Validate for LagConfig {
             if target.group.trim().is_empty() {
                 problems.push("lag.groups: a group name is empty".into());
             }
+            let valid_topic = !target.topic.is_empty()
+                && target.topic.len() <= 249
+                && target
+                    .topic
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
             if target.topic.trim().is_empty() {
                 problems.push(format!("lag.groups: group {} has no topic", target.group));
+            } else if !valid_topic {
+                problems.push(format!(
+                    "lag.groups: group {} reads {:?}, which is not a valid Kafka topic name",
+                    target.group, target.topic
+                ));
             }
             if !seen.insert(&target.group) {
                 problems.push(format!(
@@ -339,6 +350,7 @@ mod tests {
         config.lag.groups = Some(vec![
             GroupTarget::new("a", "t", None),
             GroupTarget::new("a", "", None),
+            GroupTarget::new("b", "bad topic!", None),
         ]);
         config.lag.status_window = 1;
         config.direct.min_replicas = 5;
@@ -348,6 +360,7 @@ mod tests {
         for expected in [
             "listed twice",
             "has no topic",
+            "not a valid Kafka topic name",
             "status_window",
             "direct.min_replicas",
             "tls_key",

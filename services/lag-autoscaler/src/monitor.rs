@@ -18,6 +18,11 @@ pub struct Monitor {
     /// `None` only while a poll has it on a blocking thread.
     reader: Option<OffsetReader>,
     targets: Vec<GroupTarget>,
+    judge: Judge,
+}
+
+/// Turns readings into figures: status windows, metrics, and what to log once.
+pub struct Judge {
     metrics: Metrics,
     windows: HashMap<String, StatusWindow>,
     /// The last figures of each group, served again (marked with the error) when a poll
@@ -38,20 +43,10 @@ impl Monitor {
         lag: &LagConfig,
         metrics: Metrics,
     ) -> Self {
-        let windows = targets
-            .iter()
-            .map(|t| (t.group.clone(), StatusWindow::new(lag.status_window)))
-            .collect();
         Monitor {
             reader: Some(reader),
+            judge: Judge::new(&targets, lag, metrics),
             targets,
-            metrics,
-            windows,
-            last: HashMap::new(),
-            reported_partitions: HashMap::new(),
-            missing_topic: HashSet::new(),
-            without_commits: HashSet::new(),
-            failing: HashSet::new(),
         }
     }
 
@@ -78,18 +73,36 @@ impl Monitor {
         self.reader = Some(reader);
         match result {
             Ok((readings, offsets_read_at)) => {
-                let mut snapshot = self.apply(&readings, now_ms());
+                let mut snapshot = self.judge.apply(&readings, now_ms());
                 snapshot.offsets_read_at = Some(offsets_read_at);
                 Some(snapshot)
             }
             Err(error) => {
-                self.report_poll_error(&error);
+                self.judge.poll_failed(&error);
                 None
             }
         }
     }
+}
 
-    fn report_poll_error(&self, error: &ReadError) {
+impl Judge {
+    pub fn new(targets: &[GroupTarget], lag: &LagConfig, metrics: Metrics) -> Self {
+        let windows = targets
+            .iter()
+            .map(|t| (t.group.clone(), StatusWindow::new(lag.status_window)))
+            .collect();
+        Judge {
+            metrics,
+            windows,
+            last: HashMap::new(),
+            reported_partitions: HashMap::new(),
+            missing_topic: HashSet::new(),
+            without_commits: HashSet::new(),
+            failing: HashSet::new(),
+        }
+    }
+
+    fn poll_failed(&self, error: &ReadError) {
         tracing::warn!(error = %error, "cannot read consumer lag; serving the previous figures");
         self.metrics.poll_failed();
     }
@@ -170,4 +183,84 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::{encoding::text::encode, registry::Registry};
+
+    use super::*;
+    use crate::reader::PartitionReading;
+
+    fn reading(partitions: Option<Vec<(i64, i64)>>, error: Option<&str>) -> GroupReading {
+        GroupReading {
+            target: GroupTarget::new("g", "t", None),
+            partitions: partitions.map(|list| {
+                list.into_iter()
+                    .enumerate()
+                    .map(|(index, (committed, high))| PartitionReading {
+                        partition: index as i32,
+                        committed: Some(committed),
+                        low_watermark: 0,
+                        high_watermark: high,
+                        oldest_unconsumed_ms: None,
+                    })
+                    .collect()
+            }),
+            members: Some(1),
+            group_state: None,
+            error: error.map(str::to_owned),
+        }
+    }
+
+    fn judge() -> (Judge, Registry) {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let judge = Judge::new(
+            &[GroupTarget::new("g", "t", None)],
+            &LagConfig::default(),
+            metrics,
+        );
+        (judge, registry)
+    }
+
+    fn text(registry: &Registry) -> String {
+        let mut text = String::new();
+        encode(&mut text, registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn a_failed_read_serves_the_previous_figures_marked_with_the_error() {
+        let (mut judge, _registry) = judge();
+        judge.apply(&[reading(Some(vec![(2, 10), (5, 5)]), None)], 1_000);
+        let snapshot = judge.apply(&[reading(None, Some("coordinator not available"))], 2_000);
+        let group = &snapshot.groups[0];
+        assert_eq!(group.lag, 8);
+        assert!(group.topic_exists);
+        assert_eq!(group.error.as_deref(), Some("coordinator not available"));
+    }
+
+    #[test]
+    fn a_vanished_topic_or_partition_loses_its_series() {
+        let (mut judge, registry) = judge();
+        judge.apply(&[reading(Some(vec![(2, 10), (5, 5)]), None)], 1_000);
+        let before = text(&registry);
+        assert!(
+            before.contains("kafka_consumergroup_lag{group=\"g\",topic=\"t\",partition=\"1\"} 0"),
+            "{before}"
+        );
+        judge.apply(&[reading(Some(vec![(2, 10)]), None)], 2_000);
+        let shrunk = text(&registry);
+        assert!(!shrunk.contains("partition=\"1\""), "{shrunk}");
+        let snapshot = judge.apply(&[reading(None, None)], 3_000);
+        assert!(!snapshot.groups[0].topic_exists);
+        assert_eq!(snapshot.groups[0].status, GroupStatus::Unknown);
+        let gone = text(&registry);
+        assert!(!gone.contains("topic=\"t\""), "{gone}");
+        assert!(
+            gone.contains("kafka_consumergroup_status{group=\"g\",status=\"unknown\"} 1"),
+            "{gone}"
+        );
+    }
 }

@@ -55,10 +55,11 @@ pub struct GroupReading {
     pub target: GroupTarget,
     /// `None`: the topic does not exist (deleted, or not created yet).
     pub partitions: Option<Vec<PartitionReading>>,
-    /// Members of the group and its state (`Stable`, `Empty`, ...), when the broker answered.
+    /// Members of the group and its state (`Stable`, `Empty`, ...), when the broker answered
+    /// (`None` when describing the group failed this poll).
     pub members: Option<usize>,
     pub group_state: Option<String>,
-    /// A request about this group failed; its figures are not from this poll.
+    /// Reading the group's offsets failed; its figures are not from this poll.
     pub error: Option<String>,
 }
 
@@ -185,7 +186,10 @@ impl OffsetReader {
                     reading.members = Some(found.map_or(0, |g| g.members().len()));
                     reading.group_state = found.map(|g| g.state().to_owned());
                 }
-                Err(error) => reading.error = Some(format!("group list: {error}")),
+                // Members are a detail: their absence must not hold back fresh offsets.
+                Err(error) => {
+                    tracing::debug!(group = %target.group, error = %error, "cannot describe the group")
+                }
             }
             if let Some(ids) = partition_ids.get(target.topic.as_str()) {
                 match self.read_partitions(target, ids, &mut watermarks) {
