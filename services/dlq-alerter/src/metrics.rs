@@ -64,6 +64,18 @@ impl AlerterMetrics {
         metrics
     }
 
+    pub fn alert_sent(&self, output: &'static str) {
+        self.alerts_sent
+            .get_or_create(&OutputLabels { output })
+            .inc();
+    }
+
+    pub fn summary_sent(&self, output: &'static str) {
+        self.summaries_sent
+            .get_or_create(&OutputLabels { output })
+            .inc();
+    }
+
     pub fn delivery_failure(&self, output: &'static str, status: &str) {
         self.delivery_failures
             .get_or_create(&FailureLabels {

@@ -316,19 +316,11 @@ pub async fn run_output(output: Arc<Output>, mut deliveries_rx: mpsc::UnboundedR
         output.deliver(&body).await;
         match delivery.message.as_ref() {
             Message::Alert(alert) => {
-                output
-                    .metrics
-                    .alerts_sent
-                    .get_or_create(&crate::metrics::OutputLabels { output: label })
-                    .inc();
+                output.metrics.alert_sent(label);
                 tracing::debug!(output = label, class = %alert.error_class, dead_letter_id = %alert.dead_letter_id, "alert delivered");
             }
             Message::Summary(summary) => {
-                output
-                    .metrics
-                    .summaries_sent
-                    .get_or_create(&crate::metrics::OutputLabels { output: label })
-                    .inc();
+                output.metrics.summary_sent(label);
                 tracing::debug!(output = label, class = %summary.error_class, count = summary.count, "summary delivered");
             }
         }
