@@ -166,3 +166,79 @@ fn policy(direct: &DirectConfig, target: &GroupTarget) -> ScalePolicy {
         cooldown: direct.cooldown,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use prometheus_client::{encoding::text::encode, registry::Registry};
+
+    use super::*;
+    use crate::{snapshot::GroupLag, status::GroupStatus};
+
+    fn snapshot(lag: i64) -> LagSnapshot {
+        let target = GroupTarget::new("g", "t", Some("worker"));
+        LagSnapshot {
+            taken_at_ms: 1,
+            offsets_read_at: None,
+            groups: vec![GroupLag {
+                lag,
+                topic_exists: true,
+                partitions: 12,
+                error: None,
+                status: GroupStatus::Ok,
+                ..GroupLag::pending(&target)
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_without_a_kubernetes_api_simulates_the_replica_counts() {
+        let mut config = Config::default();
+        config.lag.groups = Some(vec![GroupTarget::new("g", "t", Some("worker"))]);
+        config.direct.enabled = true;
+        config.direct.dry_run = true;
+        config.direct.kubeconfig = Some("/nonexistent/kubeconfig".into());
+        config.direct.target_lag_per_replica = 100;
+        config.direct.scale_up_stabilization = Duration::ZERO;
+        config.direct.scale_down_stabilization = Duration::ZERO;
+        config.direct.cooldown = Duration::ZERO;
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let mut direct = DirectMode::start(&config, metrics).await.unwrap();
+
+        let now = Instant::now();
+        direct.tick(&snapshot(450), now).await;
+        // The simulated count moved to 5, so the same lag is now steady.
+        direct
+            .tick(&snapshot(450), now + Duration::from_secs(1))
+            .await;
+        direct
+            .tick(&snapshot(0), now + Duration::from_secs(2))
+            .await;
+
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        for expected in [
+            "autoscaler_decisions_total{deployment=\"worker\",direction=\"up\"} 1",
+            "autoscaler_decisions_total{deployment=\"worker\",direction=\"down\"} 1",
+            "autoscaler_desired_replicas{deployment=\"worker\"} 1",
+        ] {
+            assert!(text.contains(expected), "{expected} in {text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn without_dry_run_an_unreachable_configuration_is_an_error() {
+        let mut config = Config::default();
+        config.direct.enabled = true;
+        config.direct.kubeconfig = Some("/nonexistent/kubeconfig".into());
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let error = DirectMode::start(&config, metrics).await.err().unwrap();
+        assert!(
+            error.to_string().contains("/nonexistent/kubeconfig"),
+            "{error}"
+        );
+    }
+}
