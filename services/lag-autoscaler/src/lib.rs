@@ -64,9 +64,10 @@ pub async fn run(config: Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(initial));
 
     let reader = OffsetReader::new(&config.kafka, &config.lag)?;
-    let mut direct = match config.direct.enabled {
-        true => Some(DirectMode::start(&config, metrics.clone()).await?),
-        false => None,
+    let mut direct = if config.direct.enabled {
+        Some(DirectMode::start(&config, metrics.clone()).await?)
+    } else {
+        None
     };
     let admin = start_admin(
         &config,
@@ -75,16 +76,11 @@ pub async fn run(config: Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         shutdown.clone(),
     )
     .await?;
-    let external = match config.external_metrics.enabled {
-        true => Some(
-            external_metrics::serve_tls(
-                &config.external_metrics,
-                external_metrics::router(snapshot_rx.clone()),
-                shutdown.clone(),
-            )
-            .await?,
-        ),
-        false => None,
+    let external = if config.external_metrics.enabled {
+        let router = external_metrics::router(snapshot_rx.clone());
+        Some(external_metrics::serve_tls(&config.external_metrics, router, shutdown.clone()).await?)
+    } else {
+        None
     };
     tracing::info!(
         service = SERVICE,
