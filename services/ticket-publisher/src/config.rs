@@ -146,6 +146,11 @@ pub struct DispatchConfig {
     pub transactional_id: String,
     /// Stable id of this replica (pod name). Empty: `$POD_NAME`, `$HOSTNAME`, then the host name.
     pub replica_id: String,
+    /// Join the group as a static member (`group.instance.id` = replica id): a replica that
+    /// restarts under the same name (StatefulSet) takes its partitions back at once instead of
+    /// waiting for its predecessor's session to time out. Leave off with changing pod names
+    /// (Deployment): a static member that is gone for good holds its partitions until then.
+    pub static_membership: bool,
     /// Most records in one transaction.
     pub batch_max_records: usize,
     /// Longest wait to fill a batch once its first record arrived.
@@ -165,6 +170,7 @@ impl Default for DispatchConfig {
             group_id: "ticket-dispatcher".into(),
             transactional_id: "ticket-dispatcher".into(),
             replica_id: String::new(),
+            static_membership: false,
             batch_max_records: 500,
             batch_max_wait: Duration::from_millis(5),
             transaction_timeout: Duration::from_secs(30),
@@ -176,7 +182,12 @@ impl Default for DispatchConfig {
 impl DispatchConfig {
     /// `transactional_id` plus the replica id.
     pub fn full_transactional_id(&self) -> String {
-        let replica = if self.replica_id.is_empty() {
+        format!("{}-{}", self.transactional_id, self.resolved_replica_id())
+    }
+
+    /// `replica_id`, or the pod or host name when it is empty.
+    pub fn resolved_replica_id(&self) -> String {
+        if self.replica_id.is_empty() {
             std::env::var("POD_NAME")
                 .or_else(|_| std::env::var("HOSTNAME"))
                 .ok()
@@ -189,8 +200,7 @@ impl DispatchConfig {
                 .unwrap_or_else(|| "replica-0".into())
         } else {
             self.replica_id.clone()
-        };
-        format!("{}-{replica}", self.transactional_id)
+        }
     }
 }
 

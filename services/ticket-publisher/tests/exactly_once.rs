@@ -30,6 +30,8 @@ fn dispatcher_env(ctx: &TestContext) -> Vec<(String, String)> {
         ("TRIAGE_DISPATCH__GROUP_ID".into(), ctx.group("dispatch")),
         ("TRIAGE_DISPATCH__TRANSACTIONAL_ID".into(), ctx.group("tx")),
         ("TRIAGE_DISPATCH__REPLICA_ID".into(), "replica-0".into()),
+        // The restarted replica has the same name, as in a StatefulSet: it rejoins at once.
+        ("TRIAGE_DISPATCH__STATIC_MEMBERSHIP".into(), "true".into()),
         ("TRIAGE_DISPATCH__BATCH_MAX_RECORDS".into(), "200".into()),
         ("TRIAGE_DISPATCH__BATCH_MAX_WAIT".into(), "20ms".into()),
         ("TRIAGE_TELEMETRY__LOG_LEVEL".into(), "info".into()),

@@ -137,21 +137,19 @@ impl Dispatcher {
     ) -> Result<Self, DispatchError> {
         let dispatch = &config.dispatch;
         let transactional_id = dispatch.full_transactional_id();
-        let replica = transactional_id
-            .strip_prefix(&format!("{}-", dispatch.transactional_id))
-            .unwrap_or(&transactional_id)
-            .to_owned();
-        let consumer: StreamConsumer = config
+        let mut consumer_config = config
             .kafka
-            .consumer_config("dispatch-consumer", &dispatch.group_id)
-            // Static membership: a restarted replica takes its partitions back at once instead
-            // of waiting for its dead predecessor's session to time out.
-            .set("group.instance.id", &replica)
-            .create()
-            .map_err(|source| DispatchError::Client {
-                role: "dispatch consumer",
-                source,
-            })?;
+            .consumer_config("dispatch-consumer", &dispatch.group_id);
+        if dispatch.static_membership {
+            consumer_config.set("group.instance.id", dispatch.resolved_replica_id());
+        }
+        let consumer: StreamConsumer =
+            consumer_config
+                .create()
+                .map_err(|source| DispatchError::Client {
+                    role: "dispatch consumer",
+                    source,
+                })?;
         consumer
             .subscribe(&[&config.topics.tickets_created])
             .map_err(|source| DispatchError::Subscribe {
