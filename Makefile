@@ -32,8 +32,10 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# Tests named serial_* measure time (throughput against a rate limit) and run alone afterwards.
 test: stack-up lint
-	$(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS)
+	$(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS) --skip serial_
+	$(CARGO) test --workspace --no-fail-fast -- --test-threads=1 serial_
 
 demo: stack-up
 	@deploy/demo.sh

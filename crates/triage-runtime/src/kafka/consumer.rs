@@ -16,8 +16,9 @@
 //! record whose handler has not said it is durably done.
 //!
 //! # States of the consumer thread
-//! - consuming: poll; pause every assigned partition while `max_in_flight` records are in
-//!   flight or the [`FetchGate`] is closed (rate limit, open circuit), resume when both clear.
+//! - consuming: poll; pause every assigned partition when `max_in_flight` records are in
+//!   flight (resume once a quarter of the window is free) or while the [`FetchGate`] is closed
+//!   (provider 429, open circuit), resume when both clear.
 //! - draining (shutdown fired): all partitions paused; completions are still stored until
 //!   nothing is in flight or `drain_timeout` passed.
 //! - done: a final synchronous commit, then the consumer is closed, which leaves the group.
@@ -478,7 +479,15 @@ impl PollLoop {
                     break;
                 }
             } else {
-                let reason = if in_flight >= self.max_in_flight {
+                // Hysteresis: once full, resume only when a quarter of the window is free, so
+                // that a steady stream of completions does not pause and resume per record
+                // (each resume re-fetches from the broker).
+                let window_full = if self.paused.load(Ordering::Relaxed) {
+                    in_flight > self.resume_below()
+                } else {
+                    in_flight >= self.max_in_flight
+                };
+                let reason = if window_full {
                     Some("window_full")
                 } else if !self.gate.is_open() {
                     Some("gate_closed")
@@ -529,6 +538,11 @@ impl PollLoop {
         self.metrics.in_flight.get_or_create(&labels).set(0);
         drop(fetched_tx);
         // Dropping the consumer closes it: it leaves the group so partitions move at once.
+    }
+
+    /// While paused for a full window, fetching resumes at or below this many in flight.
+    fn resume_below(&self) -> usize {
+        (self.max_in_flight * 3 / 4).min(self.max_in_flight.saturating_sub(1))
     }
 
     /// Applies every queued report; returns how many records left the in-flight window.

@@ -34,6 +34,8 @@ impl PartitionOffsets {
     }
 
     fn begin(&mut self, offset: i64) {
+        // The first record handed out is where the group already stands: nothing to store yet.
+        self.stored.get_or_insert(offset);
         self.pending.insert(offset);
         self.next_offset = Some(
             self.next_offset

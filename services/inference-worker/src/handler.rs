@@ -1,0 +1,843 @@
+//! One inference task, from record to acknowledged result or dead letter.
+//!
+//! # The path of a task
+//! 1. Decode (protobuf or JSON by content type); a record that does not decode is dead-lettered.
+//! 2. Cached result for its idempotency key? Produce it, no call.
+//! 3. Take the in-flight lease (Redis `SET NX PX`). Held by another worker: wait for its result
+//!    (or for the lease to expire, when that worker died) instead of calling.
+//! 4. Call the LLM within the shared rate limit and the circuit breaker; retry retryable
+//!    failures with backoff until the retry deadline; one repair request for an invalid answer.
+//! 5. Cache the result, then produce it and wait for the broker's acknowledgement; only then is
+//!    the task done and its offset committable. Non-retryable failures become dead letters,
+//!    also acknowledged before done.
+//!
+//! The only way to pay twice is a worker dying between a paid answer and caching it.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use backon::BackoffBuilder;
+use opentelemetry::trace::TraceContextExt;
+use rand::Rng;
+use rdkafka::{Message, message::OwnedMessage};
+use tracing::{Instrument, field};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use triage_proto::{
+    DecodeError,
+    v1::{ErrorClass, InferenceResult, InferenceTask, TokenUsage},
+};
+use triage_runtime::{
+    kafka::{
+        consumer::{Disposition, FetchGate, RecordHandler},
+        dead_letter::{self, Failure},
+        headers,
+        producer::ContractProducer,
+    },
+    shutdown::Shutdown,
+};
+
+use crate::{
+    SERVICE,
+    circuit::{Admission, CircuitBreaker, CircuitState},
+    config::{Config, RedisUnavailable},
+    llm::{ChatRequest, Completion, FailureAction, LlmClient},
+    metrics::{CallLabels, ClassLabels, ReasonLabels, TokenLabels, UsageLabels, WorkerMetrics},
+    redis_store::{BudgetRequest, RedisStore, StoreError},
+    triage::{self, Triage},
+};
+
+/// A record as the worker sees it.
+pub enum Item {
+    Task {
+        record: OwnedMessage,
+        task: Box<InferenceTask>,
+    },
+    Undecodable {
+        record: OwnedMessage,
+        error: String,
+        class: ErrorClass,
+    },
+}
+
+/// Everything a task needs, shared by all tasks.
+pub struct WorkerHandler {
+    pub config: Config,
+    pub client: LlmClient,
+    pub store: RedisStore,
+    pub producer: ContractProducer,
+    pub circuit: CircuitBreaker,
+    pub gate: FetchGate,
+    pub metrics: WorkerMetrics,
+    pub shutdown: Shutdown,
+    /// Owner value of the leases this process takes.
+    pub worker_id: String,
+    /// Where tasks of this process wait their turn for rate-limit budget.
+    pub budget_queue: tokio::sync::Mutex<()>,
+}
+
+/// How a task ended before producing.
+enum Outcome {
+    Answered {
+        triage: Triage,
+        completion: Completion,
+        attempts: u32,
+        llm_latency: Duration,
+    },
+    Failed(Failure),
+    /// Shutdown came first; the task is abandoned and will be consumed again.
+    Interrupted,
+}
+
+impl RecordHandler for WorkerHandler {
+    type Item = Item;
+
+    fn prepare(&self, record: OwnedMessage) -> Item {
+        let content_type =
+            headers::get_str(record.headers(), headers::CONTENT_TYPE).map(str::to_owned);
+        let decoded: Result<InferenceTask, DecodeError> = triage_proto::decode(
+            record.payload().unwrap_or_default(),
+            content_type.as_deref(),
+        );
+        match decoded {
+            Ok(task) if task.ticket_id.is_empty() || task.messages.is_empty() => {
+                Item::Undecodable {
+                    record,
+                    error: "task has no ticket_id or no messages".into(),
+                    class: ErrorClass::InvalidEvent,
+                }
+            }
+            Ok(task) => Item::Task {
+                record,
+                task: Box::new(task),
+            },
+            Err(error) => Item::Undecodable {
+                record,
+                error: error.to_string(),
+                class: ErrorClass::Decode,
+            },
+        }
+    }
+
+    fn ordering_key(&self, item: &Item) -> Option<Vec<u8>> {
+        match item {
+            Item::Task { task, .. } => Some(task.ticket_id.as_bytes().to_vec()),
+            Item::Undecodable { .. } => None,
+        }
+    }
+
+    async fn handle(&self, item: Item) -> Disposition {
+        match item {
+            Item::Undecodable {
+                record,
+                error,
+                class,
+            } => {
+                self.dead_letter(
+                    &record,
+                    Failure::immediate(class, error),
+                    &opentelemetry::Context::new(),
+                )
+                .await
+            }
+            Item::Task { record, task } => {
+                let span = tracing::info_span!(
+                    "process inference task",
+                    otel.kind = "consumer",
+                    messaging.system = "kafka",
+                    messaging.operation.type = "process",
+                    messaging.destination.name = record.topic(),
+                    messaging.destination.partition.id = record.partition(),
+                    messaging.kafka.offset = record.offset(),
+                    ticket.id = %task.ticket_id,
+                    tenant.id = %task.tenant_id,
+                );
+                let _ = span.set_parent(headers::extract_trace_context(record.headers()));
+                self.process(record, *task).instrument(span).await
+            }
+        }
+    }
+}
+
+impl WorkerHandler {
+    async fn process(&self, record: OwnedMessage, mut task: InferenceTask) -> Disposition {
+        let model = self.client.model_for(&task.model).to_owned();
+        if task.idempotency_key.is_empty() {
+            task.idempotency_key =
+                triage_proto::idempotency_key(&task.ticket_id, &task.prompt_version, &model);
+        }
+        let key = task.idempotency_key.clone();
+        let trace = tracing::Span::current().context();
+
+        // 2. A paid answer already exists: reuse it.
+        let protected = match self.cached(&key).await {
+            Ok(Some(cached)) => {
+                self.metrics.cache_hits.inc();
+                tracing::debug!(key = %key, "result cache hit");
+                return self
+                    .produce_result(&task, cached, Provenance::Cache, &trace)
+                    .await;
+            }
+            Ok(None) => true,
+            Err(Interrupted) => return Disposition::Abandon,
+        };
+
+        // 3. Lease, or wait for whoever holds it.
+        let leased = if protected {
+            match self.lease_or_wait(&key).await {
+                LeaseOutcome::Leased => true,
+                LeaseOutcome::Unprotected => false,
+                LeaseOutcome::ResultAppeared(result) => {
+                    self.metrics.duplicates_avoided.inc();
+                    return self
+                        .produce_result(&task, *result, Provenance::Cache, &trace)
+                        .await;
+                }
+                LeaseOutcome::Interrupted => return Disposition::Abandon,
+            }
+        } else {
+            false
+        };
+
+        // 4. Call, keeping the lease alive meanwhile.
+        let renewal = leased.then(|| self.spawn_lease_renewal(&key));
+        let outcome = self.call_with_retries(&task, &model, leased).await;
+        if let Some(renewal) = renewal {
+            renewal.abort();
+        }
+
+        let disposition = match outcome {
+            Outcome::Answered {
+                triage,
+                completion,
+                attempts,
+                llm_latency,
+            } => {
+                let result = self.build_result(&task, triage, &completion, attempts, llm_latency);
+                // 5. Cache before producing: a crash after this point costs nothing to redo.
+                if leased && self.store_result(&key, &result).await.is_err() {
+                    return Disposition::Abandon;
+                }
+                self.produce_result(&task, result, Provenance::Paid, &trace)
+                    .await
+            }
+            Outcome::Failed(failure) => {
+                let failure = failure.for_ticket(&task.ticket_id, &task.tenant_id);
+                self.dead_letter(&record, failure, &trace).await
+            }
+            Outcome::Interrupted => Disposition::Abandon,
+        };
+        if leased && let Err(error) = self.store.release_lease(&key, &self.worker_id).await {
+            tracing::debug!(error = %error, "failed to release lease; it expires by itself");
+        }
+        disposition
+    }
+
+    async fn cached(&self, key: &str) -> Result<Option<InferenceResult>, Interrupted> {
+        let bytes = self
+            .with_redis(|| self.store.cached_result(key))
+            .await?
+            .flatten();
+        Ok(bytes.and_then(|bytes| {
+            match triage_proto::decode::<InferenceResult>(
+                &bytes,
+                Some(triage_proto::ContentType::PROTOBUF_MIME),
+            ) {
+                Ok(result) => Some(result),
+                Err(error) => {
+                    tracing::warn!(key, error = %error, "ignoring an undecodable cached result");
+                    None
+                }
+            }
+        }))
+    }
+
+    /// Runs a Redis operation under the configured policy. `Ok(None)`: Redis is down and the
+    /// policy is to proceed without it.
+    async fn with_redis<T, F, Fut>(&self, operation: F) -> Result<Option<T>, Interrupted>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        loop {
+            match operation().await {
+                Ok(value) => return Ok(Some(value)),
+                Err(error) => {
+                    self.metrics.redis_errors.inc();
+                    if self.config.cache.on_unavailable == RedisUnavailable::Proceed {
+                        tracing::warn!(error = %error, "redis unavailable; calling without cache, lease or shared limit");
+                        return Ok(None);
+                    }
+                    tracing::warn!(error = %error, "redis unavailable; task waits");
+                    self.gate.close();
+                    if !self.sleep(Duration::from_secs(1)).await {
+                        return Err(Interrupted);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn lease_or_wait(&self, key: &str) -> LeaseOutcome {
+        let lease_ttl = self.config.cache.lease_ttl;
+        loop {
+            let taken = match self
+                .with_redis(|| self.store.try_lease(key, &self.worker_id, lease_ttl))
+                .await
+            {
+                Ok(Some(taken)) => taken,
+                Ok(None) => return LeaseOutcome::Unprotected,
+                Err(Interrupted) => return LeaseOutcome::Interrupted,
+            };
+            if taken {
+                // The holder may have finished between our cache read and our lease.
+                return match self.cached(key).await {
+                    Ok(Some(result)) => {
+                        let _ = self.store.release_lease(key, &self.worker_id).await;
+                        LeaseOutcome::ResultAppeared(Box::new(result))
+                    }
+                    Ok(None) => LeaseOutcome::Leased,
+                    Err(Interrupted) => LeaseOutcome::Interrupted,
+                };
+            }
+            tracing::debug!(
+                key,
+                "another worker holds the lease; waiting for its result"
+            );
+            if !self.sleep(Duration::from_millis(200)).await {
+                return LeaseOutcome::Interrupted;
+            }
+            match self.cached(key).await {
+                Ok(Some(result)) => return LeaseOutcome::ResultAppeared(Box::new(result)),
+                Ok(None) => {}
+                Err(Interrupted) => return LeaseOutcome::Interrupted,
+            }
+        }
+    }
+
+    fn spawn_lease_renewal(&self, key: &str) -> tokio::task::JoinHandle<()> {
+        let store = self.store.clone();
+        let key = key.to_owned();
+        let owner = self.worker_id.clone();
+        let ttl = self.config.cache.lease_ttl;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                match store.renew_lease(&key, &owner, ttl).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(key = %key, "lost the in-flight lease; another worker may call too");
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::debug!(key = %key, error = %error, "failed to renew lease")
+                    }
+                }
+            }
+        })
+    }
+
+    async fn call_with_retries(
+        &self,
+        task: &InferenceTask,
+        model: &str,
+        protected: bool,
+    ) -> Outcome {
+        let taxonomy = task.taxonomy.clone().unwrap_or_default();
+        let response_format = triage::response_format(&taxonomy, self.config.llm.structured_output);
+        let mut messages = task.messages.clone();
+        let mut repaired = false;
+        let mut attempts = 0u32;
+        let mut first_failure: Option<(Instant, SystemTime)> = None;
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(self.config.retry.initial_backoff)
+            .with_max_delay(self.config.retry.max_backoff)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        // Providers count `max_tokens` against the token budget before the answer exists.
+        let estimated_tokens = estimate_tokens(&messages) + u64::from(self.config.llm.max_tokens);
+
+        loop {
+            if let Admission::Wait(wait) = self.circuit.admit() {
+                self.metrics
+                    .circuit_state
+                    .set(self.circuit.state().gauge_value());
+                if let Some(exhausted) =
+                    self.retry_deadline_passed(first_failure, attempts, "circuit open")
+                {
+                    return Outcome::Failed(exhausted);
+                }
+                if !self.sleep(wait.min(Duration::from_secs(1))).await {
+                    return Outcome::Interrupted;
+                }
+                continue;
+            }
+            if protected {
+                match self.take_budget(model, estimated_tokens).await {
+                    Ok(()) => {}
+                    Err(Interrupted) => {
+                        self.circuit.release_probe();
+                        return Outcome::Interrupted;
+                    }
+                }
+            } else {
+                self.metrics.unprotected_calls.inc();
+            }
+            if self.circuit.state() == CircuitState::Closed {
+                self.gate.open();
+            }
+
+            if attempts == 0
+                && let Some(accepted) = task.accepted_at.as_ref().and_then(to_system_time)
+            {
+                let waited = SystemTime::now()
+                    .duration_since(accepted)
+                    .unwrap_or_default();
+                self.metrics
+                    .accepted_to_request_seconds
+                    .observe(waited.as_secs_f64());
+            }
+            attempts += 1;
+            let call_span = tracing::info_span!(
+                "chat",
+                otel.name = field::Empty,
+                otel.kind = "client",
+                gen_ai.system = "openai",
+                gen_ai.operation.name = "chat",
+                gen_ai.request.model = model,
+                gen_ai.response.model = field::Empty,
+                gen_ai.usage.input_tokens = field::Empty,
+                gen_ai.usage.output_tokens = field::Empty,
+                error.type = field::Empty,
+            );
+            call_span.record("otel.name", format!("chat {model}"));
+            let started = Instant::now();
+            let result = self
+                .client
+                .complete(ChatRequest {
+                    model,
+                    messages: &messages,
+                    response_format: response_format.clone(),
+                    idempotency_key: &task.idempotency_key,
+                })
+                .instrument(call_span.clone())
+                .await;
+            let llm_latency = started.elapsed();
+            let outcome_label = result.as_ref().map_or_else(|e| e.label(), |_| "ok");
+            let labels = CallLabels {
+                model: model.to_owned(),
+                outcome: outcome_label,
+            };
+            self.metrics
+                .llm_request_seconds
+                .get_or_create(&labels)
+                .observe(llm_latency.as_secs_f64());
+            self.metrics.llm_requests.get_or_create(&labels).inc();
+
+            match result {
+                Ok(completion) => {
+                    call_span.record("gen_ai.response.model", completion.model.as_str());
+                    call_span.record("gen_ai.usage.input_tokens", completion.prompt_tokens);
+                    call_span.record("gen_ai.usage.output_tokens", completion.completion_tokens);
+                    self.circuit.record_success();
+                    self.metrics
+                        .circuit_state
+                        .set(CircuitState::Closed.gauge_value());
+                    self.account_usage(task, &completion, model, protected)
+                        .await;
+                    match triage::validate(&completion.content, &taxonomy) {
+                        Ok(triage) => {
+                            return Outcome::Answered {
+                                triage,
+                                completion,
+                                attempts,
+                                llm_latency,
+                            };
+                        }
+                        Err(problem) if !repaired => {
+                            tracing::debug!(problem = %problem, "invalid answer; asking for one repair");
+                            self.metrics.repairs.inc();
+                            messages = triage::repair_messages(
+                                &task.messages,
+                                &completion.content,
+                                &problem,
+                            );
+                            repaired = true;
+                        }
+                        Err(problem) => {
+                            return Outcome::Failed(Failure {
+                                class: ErrorClass::InvalidOutput,
+                                message: format!("invalid answer after one repair: {problem}"),
+                                attempts,
+                                first_failure_at: first_failure
+                                    .map_or_else(SystemTime::now, |(_, at)| at),
+                                ticket_id: None,
+                                tenant_id: None,
+                            });
+                        }
+                    }
+                }
+                Err(error) => {
+                    call_span.record("error.type", error.label());
+                    match error.action() {
+                        FailureAction::DeadLetter(class) => {
+                            // The provider answered: it is healthy, the request is the problem.
+                            self.circuit.record_success();
+                            return Outcome::Failed(Failure {
+                                class,
+                                message: error.to_string(),
+                                attempts,
+                                first_failure_at: first_failure
+                                    .map_or_else(SystemTime::now, |(_, at)| at),
+                                ticket_id: None,
+                                tenant_id: None,
+                            });
+                        }
+                        FailureAction::Retry {
+                            wait,
+                            trips_circuit,
+                        } => {
+                            first_failure
+                                .get_or_insert_with(|| (Instant::now(), SystemTime::now()));
+                            if trips_circuit {
+                                self.circuit.record_failure();
+                            } else {
+                                self.circuit.release_probe();
+                            }
+                            self.metrics
+                                .circuit_state
+                                .set(self.circuit.state().gauge_value());
+                            tracing::debug!(error = %error, attempts, "retryable failure");
+                            if let Some(exhausted) = self.retry_deadline_passed(
+                                first_failure,
+                                attempts,
+                                &error.to_string(),
+                            ) {
+                                return Outcome::Failed(exhausted);
+                            }
+                            let delay = match wait {
+                                Some(wait) => {
+                                    // Tell every replica, then wait what the provider asked, plus
+                                    // jitter so that the waiters do not return all at once.
+                                    self.note_provider_limit(model, wait, protected).await;
+                                    wait + jitter(wait / 10)
+                                }
+                                None => backoff.next().unwrap_or(self.config.retry.max_backoff),
+                            };
+                            if !self.sleep(delay).await {
+                                return Outcome::Interrupted;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn retry_deadline_passed(
+        &self,
+        first_failure: Option<(Instant, SystemTime)>,
+        attempts: u32,
+        last_error: &str,
+    ) -> Option<Failure> {
+        let (since, at) = first_failure?;
+        (since.elapsed() >= self.config.retry.deadline).then(|| Failure {
+            class: ErrorClass::RetriesExhausted,
+            message: format!(
+                "still failing after {:?} ({attempts} attempts); last error: {last_error}",
+                self.config.retry.deadline
+            ),
+            attempts,
+            first_failure_at: at,
+            ticket_id: None,
+            tenant_id: None,
+        })
+    }
+
+    /// Waits for shared rate-limit budget; fetching pauses while there is none. Tasks of this
+    /// process queue here in arrival order, so only one of them at a time asks Redis: the
+    /// budget is shared across replicas without every waiting task polling Redis.
+    async fn take_budget(&self, model: &str, tokens: u64) -> Result<(), Interrupted> {
+        let _turn = self.budget_queue.lock().await;
+        let limits = &self.config.rate_limit;
+        let per_ms = |per_minute: u32| f64::from(per_minute) * limits.target_utilisation / 60_000.0;
+        let burst_ms = limits.burst.as_secs_f64() * 1000.0;
+        let request = BudgetRequest {
+            requests_per_ms: per_ms(limits.requests_per_minute),
+            request_capacity: (per_ms(limits.requests_per_minute) * burst_ms).max(1.0),
+            tokens_per_ms: per_ms(limits.tokens_per_minute),
+            token_capacity: (per_ms(limits.tokens_per_minute) * burst_ms).max(tokens as f64),
+            tokens,
+        };
+        loop {
+            let wait = match self
+                .with_redis(|| self.store.take_budget(model, request))
+                .await?
+            {
+                Some(Some(wait)) => wait,
+                // Taken, or Redis is down and the policy is to proceed.
+                Some(None) | None => return Ok(()),
+            };
+            // Short waits are the steady state at the limit, and the in-flight window already
+            // holds fetching back; only a long block (a shared 429) stops fetching.
+            if wait >= LONG_WAIT {
+                self.gate.close();
+            }
+            let reason = ReasonLabels { reason: "budget" };
+            self.metrics.rate_limit_waits.get_or_create(&reason).inc();
+            self.metrics
+                .rate_limit_wait_seconds
+                .get_or_create(&reason)
+                .inc_by(wait.as_secs_f64());
+            if !self.sleep(wait).await {
+                return Err(Interrupted);
+            }
+        }
+    }
+
+    async fn note_provider_limit(&self, model: &str, wait: Duration, protected: bool) {
+        let reason = ReasonLabels {
+            reason: "provider_429",
+        };
+        self.metrics.rate_limit_waits.get_or_create(&reason).inc();
+        self.metrics
+            .rate_limit_wait_seconds
+            .get_or_create(&reason)
+            .inc_by(wait.as_secs_f64());
+        self.gate.close();
+        if protected && let Err(error) = self.store.block_budget(model, wait).await {
+            tracing::debug!(error = %error, "failed to share the provider's retry-after");
+        }
+    }
+
+    /// Honours a budget the provider reports exhausted, and counts tokens and cost.
+    async fn account_usage(
+        &self,
+        task: &InferenceTask,
+        completion: &Completion,
+        bucket: &str,
+        protected: bool,
+    ) {
+        if protected
+            && let Some(exhausted) = completion.rate_limits.exhausted_for()
+            && let Err(error) = self.store.block_budget(bucket, exhausted).await
+        {
+            tracing::debug!(error = %error, "failed to share an exhausted budget");
+        }
+        for (kind, count) in [
+            ("input", completion.prompt_tokens),
+            ("output", completion.completion_tokens),
+        ] {
+            self.metrics
+                .tokens
+                .get_or_create(&TokenLabels {
+                    tenant: task.tenant_id.clone(),
+                    model: completion.model.clone(),
+                    kind,
+                })
+                .inc_by(u64::from(count));
+        }
+        self.metrics
+            .cost_usd
+            .get_or_create(&UsageLabels {
+                tenant: task.tenant_id.clone(),
+                model: completion.model.clone(),
+            })
+            .inc_by(self.cost(completion));
+    }
+
+    fn cost(&self, completion: &Completion) -> f64 {
+        self.config
+            .pricing
+            .get(&completion.model)
+            .map(|price| {
+                (f64::from(completion.prompt_tokens) * price.input
+                    + f64::from(completion.completion_tokens) * price.output)
+                    / 1_000_000.0
+            })
+            .unwrap_or(0.0)
+    }
+
+    fn build_result(
+        &self,
+        task: &InferenceTask,
+        triage: Triage,
+        completion: &Completion,
+        attempts: u32,
+        llm_latency: Duration,
+    ) -> InferenceResult {
+        InferenceResult {
+            ticket_id: task.ticket_id.clone(),
+            tenant_id: task.tenant_id.clone(),
+            task_id: task.task_id.clone(),
+            category: triage.category,
+            priority: triage.priority,
+            suggested_reply: triage.suggested_reply,
+            confidence: triage.confidence,
+            model: completion.model.clone(),
+            prompt_version: task.prompt_version.clone(),
+            usage: Some(TokenUsage {
+                prompt_tokens: completion.prompt_tokens,
+                completion_tokens: completion.completion_tokens,
+                total_tokens: completion.prompt_tokens + completion.completion_tokens,
+            }),
+            cost_usd: self.cost(completion),
+            llm_latency_ms: llm_latency.as_millis() as u32,
+            attempts,
+            idempotency_key: task.idempotency_key.clone(),
+            from_cache: false,
+            ticket_created_at: task.ticket_created_at,
+            accepted_at: task.accepted_at,
+            triaged_at: Some(triage_proto::timestamp(SystemTime::now())),
+            provider_note: completion
+                .simulator
+                .as_ref()
+                .map(|sim| format!("answered by {sim}, a simulator, not a language model"))
+                .unwrap_or_default(),
+        }
+    }
+
+    async fn store_result(&self, key: &str, result: &InferenceResult) -> Result<(), Interrupted> {
+        let bytes = triage_proto::encode(result, triage_proto::ContentType::Protobuf);
+        let ttl = self.config.cache.result_ttl;
+        self.with_redis(|| self.store.store_result(key, &bytes, ttl))
+            .await
+            .map(|_| ())
+    }
+
+    /// Produces the result for this task (a cached one is re-addressed to it) and waits for the
+    /// acknowledgement, retrying until it comes or shutdown.
+    async fn produce_result(
+        &self,
+        task: &InferenceTask,
+        mut result: InferenceResult,
+        provenance: Provenance,
+        trace: &opentelemetry::Context,
+    ) -> Disposition {
+        if provenance == Provenance::Cache {
+            result.from_cache = true;
+            result.task_id = task.task_id.clone();
+        }
+        let topic = &self.config.topics.results;
+        let disposition = self
+            .produce_until_acknowledged("result", || {
+                self.producer.send(topic, &task.ticket_id, &result, trace)
+            })
+            .await;
+        if disposition == Disposition::Done {
+            self.metrics.results.inc();
+        }
+        disposition
+    }
+
+    async fn dead_letter(
+        &self,
+        record: &OwnedMessage,
+        failure: Failure,
+        trace: &opentelemetry::Context,
+    ) -> Disposition {
+        let class = failure.class;
+        tracing::debug!(class = class.label(), error = %failure.message, "dead-lettering task");
+        let envelope = dead_letter::envelope(record, failure, SERVICE);
+        let key = dead_letter::record_key(&envelope);
+        let topic = &self.config.topics.dead_letters;
+        let trace = if trace.span().span_context().is_valid() {
+            trace.clone()
+        } else {
+            headers::extract_trace_context(record.headers())
+        };
+        let disposition = self
+            .produce_until_acknowledged("dead letter", || {
+                self.producer.send(topic, &key, &envelope, &trace)
+            })
+            .await;
+        if disposition == Disposition::Done {
+            self.metrics
+                .dead_letters
+                .get_or_create(&ClassLabels {
+                    class: class.label(),
+                })
+                .inc();
+        }
+        disposition
+    }
+
+    async fn produce_until_acknowledged<F, Fut>(&self, what: &'static str, send: F) -> Disposition
+    where
+        F: Fn() -> Fut,
+        Fut: Future<
+            Output = Result<
+                triage_runtime::kafka::producer::Delivered,
+                triage_runtime::kafka::producer::ProduceError,
+            >,
+        >,
+    {
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            match send().await {
+                Ok(_) => return Disposition::Done,
+                Err(error) => {
+                    tracing::warn!(what, error = %error, "produce failed; retrying");
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    if !self.sleep(delay).await {
+                        return Disposition::Abandon;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps unless shutdown comes first; false when it did.
+    async fn sleep(&self, duration: Duration) -> bool {
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            () = tokio::time::sleep(duration) => true,
+            () = shutdown.wait() => false,
+        }
+    }
+}
+
+/// A rate-limit wait at least this long closes the fetch gate.
+const LONG_WAIT: Duration = Duration::from_secs(1);
+
+/// Whether a result was paid for by this task or reused from an earlier one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Provenance {
+    Paid,
+    Cache,
+}
+
+/// Shutdown interrupted a wait.
+struct Interrupted;
+
+enum LeaseOutcome {
+    Leased,
+    /// Redis is down and the policy is to proceed without a lease.
+    Unprotected,
+    ResultAppeared(Box<InferenceResult>),
+    Interrupted,
+}
+
+fn jitter(max: Duration) -> Duration {
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    Duration::from_micros(rand::rng().random_range(0..max.as_micros() as u64))
+}
+
+/// A rough count (4 characters a token) for the token reservation; corrected after the call.
+fn estimate_tokens(messages: &[triage_proto::v1::ChatMessage]) -> u64 {
+    messages
+        .iter()
+        .map(|m| m.content.chars().count() as u64 / 4 + 4)
+        .sum()
+}
+
+fn to_system_time(timestamp: &triage_proto::wkt::Timestamp) -> Option<SystemTime> {
+    let seconds = u64::try_from(timestamp.seconds).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::new(seconds, timestamp.nanos.max(0) as u32))
+}

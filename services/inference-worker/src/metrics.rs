@@ -1,0 +1,160 @@
+//! The worker's metrics, named once. Prefix `triage_` comes from the registry.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub model: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UsageLabels {
+    pub tenant: String,
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub tenant: String,
+    pub model: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub class: &'static str,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ]
+    .into_iter()
+}
+
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    pub llm_request_seconds: Family<CallLabels, Histogram>,
+    pub llm_requests: Family<CallLabels, Counter>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub cost_usd: Family<UsageLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    pub rate_limit_waits: Family<ReasonLabels, Counter>,
+    pub rate_limit_wait_seconds: Family<ReasonLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    pub circuit_state: Gauge,
+    pub cache_hits: Counter,
+    pub duplicates_avoided: Counter,
+    pub dead_letters: Family<ClassLabels, Counter>,
+    pub results: Counter,
+    pub accepted_to_request_seconds: Histogram,
+    pub unprotected_calls: Counter,
+    pub redis_errors: Counter,
+    pub repairs: Counter,
+}
+
+impl WorkerMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = WorkerMetrics {
+            llm_request_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            llm_requests: Family::default(),
+            tokens: Family::default(),
+            cost_usd: Family::default(),
+            rate_limit_waits: Family::default(),
+            rate_limit_wait_seconds: Family::default(),
+            circuit_state: Gauge::default(),
+            cache_hits: Counter::default(),
+            duplicates_avoided: Counter::default(),
+            dead_letters: Family::default(),
+            results: Counter::default(),
+            accepted_to_request_seconds: Histogram::new(latency_buckets()),
+            unprotected_calls: Counter::default(),
+            redis_errors: Counter::default(),
+            repairs: Counter::default(),
+        };
+        registry.register(
+            "llm_request_duration_seconds",
+            "LLM call latency by model and outcome",
+            metrics.llm_request_seconds.clone(),
+        );
+        registry.register(
+            "llm_requests",
+            "LLM calls by model and outcome",
+            metrics.llm_requests.clone(),
+        );
+        registry.register(
+            "llm_tokens",
+            "Tokens paid for, by tenant, model and kind",
+            metrics.tokens.clone(),
+        );
+        registry.register(
+            "llm_cost_usd",
+            "Cost of LLM calls in USD, by tenant and model",
+            metrics.cost_usd.clone(),
+        );
+        registry.register(
+            "rate_limit_waits",
+            "Times a call waited for rate-limit budget (budget) or a provider 429 (provider_429)",
+            metrics.rate_limit_waits.clone(),
+        );
+        registry.register(
+            "rate_limit_wait_seconds",
+            "Time spent waiting for rate-limit budget",
+            metrics.rate_limit_wait_seconds.clone(),
+        );
+        registry.register(
+            "circuit_state",
+            "Provider circuit: 0 closed, 1 half-open, 2 open",
+            metrics.circuit_state.clone(),
+        );
+        registry.register(
+            "cache_hits",
+            "Tasks answered from the result cache, no call paid",
+            metrics.cache_hits.clone(),
+        );
+        registry.register(
+            "duplicates_avoided",
+            "Tasks that waited on another worker's lease and reused its result",
+            metrics.duplicates_avoided.clone(),
+        );
+        registry.register(
+            "worker_dead_letters",
+            "Tasks dead-lettered, by error class",
+            metrics.dead_letters.clone(),
+        );
+        registry.register(
+            "worker_results",
+            "Results produced and acknowledged",
+            metrics.results.clone(),
+        );
+        registry.register(
+            "accepted_to_llm_request_seconds",
+            "From ticket accepted to its first LLM request started",
+            metrics.accepted_to_request_seconds.clone(),
+        );
+        registry.register(
+            "worker_unprotected_calls",
+            "LLM calls made without cache, lease or shared limit because Redis was down (on_unavailable = proceed)",
+            metrics.unprotected_calls.clone(),
+        );
+        registry.register(
+            "worker_redis_errors",
+            "Failed Redis operations",
+            metrics.redis_errors.clone(),
+        );
+        registry.register(
+            "worker_output_repairs",
+            "Invalid answers sent back for one repair",
+            metrics.repairs.clone(),
+        );
+        metrics
+    }
+}

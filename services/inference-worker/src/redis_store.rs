@@ -1,0 +1,222 @@
+//! Everything the worker keeps in Redis: the result cache, in-flight leases, and the shared
+//! rate-limit buckets. Shared by every replica, so that they behave as one client.
+
+use std::time::Duration;
+
+use redis::{AsyncCommands, Script, aio::ConnectionManager};
+
+/// Why Redis could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(error: redis::RedisError) -> Self {
+        // RedisError's Display has no credentials: the URL is never part of it.
+        StoreError::Unavailable(error.to_string())
+    }
+}
+
+/// A reconnecting connection with bounded timeouts, so that a Redis outage is an error after a
+/// second, not a hang.
+#[derive(Clone)]
+pub struct RedisStore {
+    connection: ConnectionManager,
+    prefix: String,
+}
+
+const RELEASE_LEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0";
+
+const RENEW_LEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0";
+
+/// Two token buckets (requests, tokens) refilled continuously, plus a shared `blocked_until` set
+/// from 429s and exhausted-budget headers. Time is Redis' own clock, so replicas with skewed
+/// clocks still share one budget. Returns 0 when both budgets were taken, else how many
+/// milliseconds to wait before asking again.
+const TAKE_BUDGET: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local blocked = tonumber(redis.call('HGET', KEYS[1], 'blocked_until') or '0')
+if blocked > now then return blocked - now end
+local function level(field, rate, capacity)
+  local value = tonumber(redis.call('HGET', KEYS[1], field) or tostring(capacity))
+  local last = tonumber(redis.call('HGET', KEYS[1], field .. '_at') or tostring(now))
+  return math.min(capacity, value + math.max(0, now - last) * rate)
+end
+local req_rate, req_cap, req_cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tok_rate, tok_cap, tok_cost = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local wait = 0
+local req = 0
+local tok = 0
+if req_rate > 0 then
+  req = level('req', req_rate, req_cap)
+  local need = math.min(req_cost, req_cap)
+  if req < need then wait = math.max(wait, math.ceil((need - req) / req_rate)) end
+end
+if tok_rate > 0 then
+  tok = level('tok', tok_rate, tok_cap)
+  local need = math.min(tok_cost, tok_cap)
+  if tok < need then wait = math.max(wait, math.ceil((need - tok) / tok_rate)) end
+end
+if wait > 0 then return wait end
+if req_rate > 0 then redis.call('HSET', KEYS[1], 'req', req - req_cost, 'req_at', now) end
+if tok_rate > 0 then redis.call('HSET', KEYS[1], 'tok', tok - tok_cost, 'tok_at', now) end
+redis.call('PEXPIRE', KEYS[1], 600000)
+return 0";
+
+/// Moves `blocked_until` to now + ARGV[1] ms unless it is already later.
+const BLOCK_BUDGET: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local until_ms = now + tonumber(ARGV[1])
+local blocked = tonumber(redis.call('HGET', KEYS[1], 'blocked_until') or '0')
+if until_ms > blocked then redis.call('HSET', KEYS[1], 'blocked_until', until_ms) end
+redis.call('PEXPIRE', KEYS[1], 600000)
+return 0";
+
+/// The two budgets of one call, as rates per millisecond and bucket capacities.
+#[derive(Clone, Copy, Debug)]
+pub struct BudgetRequest {
+    pub requests_per_ms: f64,
+    pub request_capacity: f64,
+    pub tokens_per_ms: f64,
+    pub token_capacity: f64,
+    pub tokens: u64,
+}
+
+impl RedisStore {
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(1))
+            .set_response_timeout(Duration::from_secs(1))
+            .set_number_of_retries(1);
+        let connection = ConnectionManager::new_with_config(client, config).await?;
+        Ok(RedisStore {
+            connection,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}{kind}:{id}", self.prefix)
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    /// The cached result bytes for an idempotency key.
+    pub async fn cached_result(
+        &self,
+        idempotency_key: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut connection = self.connection.clone();
+        Ok(connection.get(self.key("result", idempotency_key)).await?)
+    }
+
+    pub async fn store_result(
+        &self,
+        idempotency_key: &str,
+        bytes: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let options = redis::SetOptions::default()
+            .with_expiration(redis::SetExpiry::PX(ttl.as_millis() as u64));
+        connection
+            .set_options::<_, _, ()>(self.key("result", idempotency_key), bytes, options)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes the in-flight lease for a key if nobody holds it.
+    pub async fn try_lease(
+        &self,
+        idempotency_key: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut connection = self.connection.clone();
+        let options = redis::SetOptions::default()
+            .conditional_set(redis::ExistenceCheck::NX)
+            .with_expiration(redis::SetExpiry::PX(ttl.as_millis() as u64));
+        let taken: Option<String> = connection
+            .set_options(self.key("lease", idempotency_key), owner, options)
+            .await?;
+        Ok(taken.is_some())
+    }
+
+    /// Extends our lease; false when it expired and someone else may hold it now.
+    pub async fn renew_lease(
+        &self,
+        idempotency_key: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut connection = self.connection.clone();
+        let renewed: i64 = Script::new(RENEW_LEASE)
+            .key(self.key("lease", idempotency_key))
+            .arg(owner)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    pub async fn release_lease(
+        &self,
+        idempotency_key: &str,
+        owner: &str,
+    ) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let _: i64 = Script::new(RELEASE_LEASE)
+            .key(self.key("lease", idempotency_key))
+            .arg(owner)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes one request and `tokens` tokens from the shared budget of `bucket`; `Ok(None)`
+    /// when taken, else how long to wait.
+    pub async fn take_budget(
+        &self,
+        bucket: &str,
+        request: BudgetRequest,
+    ) -> Result<Option<Duration>, StoreError> {
+        let mut connection = self.connection.clone();
+        let wait_ms: i64 = Script::new(TAKE_BUDGET)
+            .key(self.key("ratelimit", bucket))
+            .arg(request.requests_per_ms)
+            .arg(request.request_capacity)
+            .arg(1)
+            .arg(request.tokens_per_ms)
+            .arg(request.token_capacity)
+            .arg(request.tokens)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms as u64)))
+    }
+
+    /// Stops every replica from calling for `duration` (a 429's Retry-After, an exhausted budget).
+    pub async fn block_budget(&self, bucket: &str, duration: Duration) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let _: i64 = Script::new(BLOCK_BUDGET)
+            .key(self.key("ratelimit", bucket))
+            .arg(duration.as_millis() as u64)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,371 @@
+//! The worker against the real broker, real Redis and llm-sim over real HTTP.
+
+mod common;
+
+use std::{collections::HashSet, time::Duration};
+
+use common::*;
+use llm_sim::{
+    config::{LatencyConfig, SimConfig},
+    faults::FaultKind,
+};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+use rdkafka::Message;
+use triage_proto::v1::ErrorClass;
+use triage_test_support::{
+    TestContext, committed_offset, consumer, read_for, read_records, wait_until,
+};
+
+async fn setup(name: &str, partitions: i32) -> TestContext {
+    let context = TestContext::new(name);
+    context.create_topics(partitions).await;
+    context
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triages_every_task_once_and_answers_repeats_from_the_cache() {
+    let context = setup("happy", 3).await;
+    let sim = Sim::with_latency_ms(20).await;
+    let results = consumer(&context.topics.results);
+    let dead_letters = consumer(&context.topics.dead_letters);
+    let worker = Worker::start(worker_config(&context, &sim));
+    let batch = tasks(&context, 40);
+    publish(&context, &batch).await;
+
+    let first = read_results(&results, 40).await;
+    let tickets: HashSet<_> = first.iter().map(|r| r.ticket_id.clone()).collect();
+    assert_eq!(tickets.len(), 40, "one result per ticket");
+    for result in &first {
+        assert!(!result.from_cache);
+        assert_eq!(result.attempts, 1);
+        assert_eq!(result.model, MODEL);
+        assert_eq!(result.prompt_version, "triage-v1");
+        assert!(result.usage.as_ref().is_some_and(|u| u.total_tokens > 0));
+        assert!(result.cost_usd > 0.0, "priced from the default table");
+        assert!(
+            result.provider_note.contains("simulator"),
+            "{}",
+            result.provider_note
+        );
+        assert!(result.suggested_reply.starts_with("[llm-sim]"));
+        assert!(result.triaged_at.is_some() && result.accepted_at.is_some());
+    }
+    let billing = first.iter().find(|r| r.ticket_id.ends_with("-t0")).unwrap();
+    assert_eq!(billing.category, "billing");
+    assert_eq!(sim.paid_total(), 40);
+    assert_eq!(sim.paid_duplicates(), 0);
+
+    // The same tasks again (a replay, a duplicate dispatch): answered from the cache, no call.
+    publish(&context, &batch).await;
+    let second = read_results(&results, 40).await;
+    assert!(
+        second.iter().all(|r| r.from_cache),
+        "repeats come from the cache"
+    );
+    assert_eq!(sim.paid_total(), 40, "nothing paid twice");
+    assert!(
+        read_for(&dead_letters, Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_retryable_failures_are_dead_lettered_at_once_with_every_field() {
+    let context = setup("non-retryable", 1).await;
+    let sim = Sim::with_latency_ms(5).await;
+    let results = consumer(&context.topics.results);
+    let dead_letters = consumer(&context.topics.dead_letters);
+    let worker = Worker::start(worker_config(&context, &sim));
+
+    sim.faults(&[(FaultKind::ContentFilter, None)]);
+    let trace_id = 0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c_u128;
+    let traced = opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+        TraceId::from(trace_id),
+        SpanId::from(7),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    ));
+    let filtered = task(
+        &format!("{}-filtered", context.id),
+        "something the filter dislikes",
+    );
+    producer()
+        .send(&context.topics.inference_tasks, "acme", &filtered, &traced)
+        .await
+        .unwrap();
+    let records = read_records(&dead_letters, 1, DEADLINE).await;
+    let dead_letter = decode_dead_letter(&records[0]);
+    assert_eq!(dead_letter.error_class(), ErrorClass::ContentFilter);
+    assert_eq!(dead_letter.attempts, 1);
+    assert_eq!(dead_letter.ticket_id, filtered.ticket_id);
+    assert_eq!(dead_letter.tenant_id, "acme");
+    assert_eq!(dead_letter.failed_service, "inference-worker");
+    assert_eq!(dead_letter.source_topic, context.topics.inference_tasks);
+    assert_eq!(dead_letter.source_partition, 0);
+    assert_eq!(dead_letter.source_offset, 0);
+    assert!(dead_letter.first_failure_at.is_some() && dead_letter.last_failure_at.is_some());
+    assert!(
+        dead_letter.error_message.contains("content filter"),
+        "{}",
+        dead_letter.error_message
+    );
+    assert!(
+        dead_letter
+            .traceparent
+            .contains(&format!("{trace_id:032x}")),
+        "{}",
+        dead_letter.traceparent
+    );
+    let original: triage_proto::v1::InferenceTask = triage_proto::decode(
+        &dead_letter.original_value,
+        Some(triage_proto::ContentType::PROTOBUF_MIME),
+    )
+    .unwrap();
+    assert_eq!(original, filtered, "the original bytes, for replay");
+    assert_eq!(records[0].key(), Some(filtered.ticket_id.as_bytes()));
+
+    sim.faults(&[(FaultKind::ContextLength, None)]);
+    publish(
+        &context,
+        &[task(&format!("{}-long", context.id), "a very long ticket")],
+    )
+    .await;
+    let records = read_records(&dead_letters, 1, DEADLINE).await;
+    assert_eq!(
+        decode_dead_letter(&records[0]).error_class(),
+        ErrorClass::ContextLength
+    );
+
+    // Invalid output twice: one repair request, then invalid_output.
+    sim.faults(&[(FaultKind::MalformedJson, None)]);
+    publish(
+        &context,
+        &[task(
+            &format!("{}-garbled", context.id),
+            "my invoice is wrong",
+        )],
+    )
+    .await;
+    let records = read_records(&dead_letters, 1, DEADLINE).await;
+    let garbled = decode_dead_letter(&records[0]);
+    assert_eq!(garbled.error_class(), ErrorClass::InvalidOutput);
+    assert_eq!(garbled.attempts, 2, "one repair was tried");
+
+    // The partition moved on: later tasks are triaged, and the offsets are committed past all.
+    sim.faults(&[]);
+    publish(&context, &tasks(&context, 3)).await;
+    read_results(&results, 3).await;
+    let group = context.group("inference-worker");
+    wait_until(
+        "offsets committed past the dead letters",
+        DEADLINE,
+        || async {
+            (committed_offset(&group, &context.topics.inference_tasks, 0) == Some(6)).then_some(())
+        },
+    )
+    .await;
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_record_is_dead_lettered_with_its_raw_bytes_and_the_next_tasks_flow() {
+    let context = setup("poison", 1).await;
+    let sim = Sim::with_latency_ms(5).await;
+    let results = consumer(&context.topics.results);
+    let dead_letters = consumer(&context.topics.dead_letters);
+    let worker = Worker::start(worker_config(&context, &sim));
+    let poison = vec![0xff, 0xff, 0xff, 0xff, 0x01];
+    triage_test_support::produce(
+        &context.topics.inference_tasks,
+        Some(0),
+        &[("acme".into(), poison.clone())],
+    )
+    .await;
+    publish(&context, &tasks(&context, 3)).await;
+
+    let records = read_records(&dead_letters, 1, DEADLINE).await;
+    let dead_letter = decode_dead_letter(&records[0]);
+    assert_eq!(dead_letter.error_class(), ErrorClass::Decode);
+    assert_eq!(dead_letter.original_value, poison);
+    assert_eq!(dead_letter.original_key, b"acme");
+    assert_eq!(read_results(&results, 3).await.len(), 3);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_and_a_provider_outage_produce_no_dead_letters() {
+    let context = setup("storm", 3).await;
+    let sim = Sim::with_latency_ms(20).await;
+    let results = consumer(&context.topics.results);
+    let dead_letters = consumer(&context.topics.dead_letters);
+    let worker = Worker::start(worker_config(&context, &sim));
+
+    // The provider's limit drops far below what the worker believes: a storm of 429s.
+    sim.rate_limit(600, 1_000);
+    publish(&context, &tasks(&context, 40)).await;
+    wait_until("429s happening", DEADLINE, || async {
+        (sim.status_count("429") > 0).then_some(())
+    })
+    .await;
+    // Then an outage: every call fails with 503 for three seconds.
+    sim.faults(&[(FaultKind::Status503, Some(3_000))]);
+    publish(&context, &tasks(&context, 60)[40..]).await;
+
+    let all = read_results(&results, 60).await;
+    assert_eq!(
+        all.iter()
+            .map(|r| &r.ticket_id)
+            .collect::<HashSet<_>>()
+            .len(),
+        60
+    );
+    assert!(sim.status_count("503") > 0, "the outage was seen");
+    assert!(
+        read_for(&dead_letters, Duration::from_millis(500))
+            .await
+            .is_empty(),
+        "no dead letters"
+    );
+    assert_eq!(sim.paid_duplicates(), 0);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_of_one_ticket_finish_in_order_while_tickets_run_concurrently() {
+    let context = setup("order", 1).await;
+    let sim = Sim::start(SimConfig {
+        latency: LatencyConfig::Uniform {
+            min_ms: 5,
+            max_ms: 80,
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let results = consumer(&context.topics.results);
+    let worker = Worker::start(worker_config(&context, &sim));
+    // Ten prompt versions of one ticket (ten distinct inferences), plus ten other tickets.
+    let ticket = format!("{}-same", context.id);
+    let mut batch = Vec::new();
+    for version in 0..10 {
+        let mut same = task(&ticket, "my invoice is wrong");
+        same.prompt_version = format!("v{version}");
+        same.idempotency_key = triage_proto::idempotency_key(&ticket, &same.prompt_version, MODEL);
+        batch.push(same);
+        batch.push(task(
+            &format!("{}-other{version}", context.id),
+            "the site is down",
+        ));
+    }
+    publish(&context, &batch).await;
+    let all = read_results(&results, 20).await;
+    let versions: Vec<_> = all
+        .iter()
+        .filter(|r| r.ticket_id == ticket)
+        .map(|r| r.prompt_version.clone())
+        .collect();
+    let expected: Vec<_> = (0..10).map(|v| format!("v{v}")).collect();
+    assert_eq!(versions, expected);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_work_and_commits_it() {
+    let context = setup("sigterm", 1).await;
+    let sim = Sim::with_latency_ms(1_500).await;
+    let worker = Worker::start(worker_config(&context, &sim));
+    publish(&context, &tasks(&context, 10)).await;
+    wait_until("ten calls in flight", DEADLINE, || async {
+        (sim.state.stats().report().requests_total == 10).then_some(())
+    })
+    .await;
+    worker.stop().await;
+    let results = consumer(&context.topics.results);
+    assert_eq!(
+        read_results(&results, 10).await.len(),
+        10,
+        "in-flight work finished"
+    );
+    assert_eq!(
+        committed_offset(
+            &context.group("inference-worker"),
+            &context.topics.inference_tasks,
+            0
+        ),
+        Some(10)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_one_provider_rate_limit() {
+    let context = setup("shared-limit", 4).await;
+    let sim = Sim::with_latency_ms(50).await;
+    // The provider enforces 1,200 RPM with a one-second burst; both workers are told the same.
+    sim.rate_limit(1_200, 1_000);
+    let mut config = worker_config(&context, &sim);
+    config.rate_limit.requests_per_minute = 1_200;
+    let first = Worker::start(config.clone());
+    let second = Worker::start(config);
+    let results = consumer(&context.topics.results);
+    let dead_letters = consumer(&context.topics.dead_letters);
+    publish(&context, &tasks(&context, 200)).await;
+    assert_eq!(read_results(&results, 200).await.len(), 200);
+    let requests = sim.state.stats().report().requests_total;
+    let rejected = sim.status_count("429");
+    assert!(
+        rejected * 100 <= requests,
+        "two workers exceeded the shared limit: {rejected} 429s in {requests} requests"
+    );
+    assert!(
+        read_for(&dead_letters, Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_keeps_the_provider_busy_at_its_rate_limit() {
+    let context = setup("throughput", 4).await;
+    let sim = Sim::with_latency_ms(500).await;
+    sim.rate_limit(3_000, 1_000);
+    let mut config = worker_config(&context, &sim);
+    config.rate_limit.requests_per_minute = 3_000;
+    let worker = Worker::start(config);
+    let results = consumer(&context.topics.results);
+    publish(&context, &tasks(&context, 400)).await;
+    let all = read_results(&results, 400).await;
+    let mut times: Vec<f64> = all
+        .iter()
+        .map(|r| {
+            let t = r.triaged_at.unwrap();
+            t.seconds as f64 + f64::from(t.nanos) / 1e9
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let mut per_second = std::collections::BTreeMap::new();
+    for t in &times {
+        *per_second.entry((t - times[0]) as u64).or_insert(0u64) += 1;
+    }
+    println!("results per second: {per_second:?}");
+    // Steady state: the whole seconds after the first three (which spend the provider's initial
+    // burst allowance, a full bucket) and before the last (a partial second).
+    let last_second = *per_second.keys().last().unwrap();
+    let steady: Vec<u64> = per_second
+        .range(3..last_second)
+        .map(|(_, count)| *count)
+        .collect();
+    assert!(steady.len() >= 2, "too short to measure: {per_second:?}");
+    let rate = steady.iter().sum::<u64>() as f64 / steady.len() as f64;
+    let limit = 3_000.0 / 60.0;
+    println!(
+        "throughput {rate:.1}/s against a limit of {limit}/s ({:.1} %)",
+        rate / limit * 100.0
+    );
+    assert!(rate >= 0.95 * limit, "only {rate:.1}/s of {limit}/s");
+    assert_eq!(sim.status_count("429"), 0);
+    worker.stop().await;
+}
