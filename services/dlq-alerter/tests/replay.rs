@@ -2,8 +2,7 @@
 //! letters and publishes nothing; `--execute` re-publishes exactly the replayable ones to the
 //! task topic, byte for byte but for the incremented `replay_count`, with the replay header.
 //!
-//! The inference worker is not part of this test (it was being built in parallel); the
-//! re-published tasks are checked to be exactly what the worker consumes.
+//! That the worker then triages them is checked end to end in `replay_worker.rs`.
 
 mod common;
 
