@@ -247,7 +247,8 @@ impl Ingress {
             });
         }
         let store_down = |error: crate::idempotency::StoreError| {
-            tracing::warn!(error = %error, "idempotency store unavailable");
+            // Per request, so DEBUG; `/readyz` reports Redis down and the 503s are counted.
+            tracing::debug!(error = %error, "idempotency store unavailable");
             ApiError::IdempotencyStoreUnavailable {
                 retry_after: REDIS_RETRY_AFTER,
             }
@@ -270,14 +271,18 @@ impl Ingress {
                     && let Err(error) = store.complete(tenant, key, stored.clone()).await
                 {
                     // The ticket is in Kafka; the claim expires on its own. A retry within the
-                    // claim's lifetime gets 409, after it a second record: say so loudly.
-                    tracing::error!(error = %error, "accepted ticket but could not store its idempotent answer");
+                    // claim's lifetime gets 409, after it a second record; counted, not logged
+                    // above DEBUG because it happens per request.
+                    self.inner
+                        .metrics
+                        .record("idempotency", "answer_not_stored");
+                    tracing::debug!(error = %error, "accepted ticket but could not store its idempotent answer");
                 }
                 Ok(stored)
             }
             Err(error) => {
                 if let Err(release_error) = store.release(tenant, key).await {
-                    tracing::warn!(error = %release_error, "could not release idempotency claim");
+                    tracing::debug!(error = %release_error, "could not release idempotency claim");
                 }
                 Err(error)
             }
