@@ -45,9 +45,9 @@ pub struct Cli {
     /// Log filter (RUST_LOG overrides it).
     #[arg(long, default_value = "info")]
     pub log_level: String,
-    /// Log format: json or pretty.
-    #[arg(long, default_value = "pretty")]
-    pub log_format: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub json_logs: bool,
 }
 
 impl Cli {

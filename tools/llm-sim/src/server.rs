@@ -61,6 +61,9 @@ const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-re
 const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The latency the simulator applied to an answer, in whole milliseconds (OpenAI sends the same
+/// header with its processing time).
+const PROCESSING_MS: HeaderName = HeaderName::from_static("openai-processing-ms");
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// Why the server could not run.
@@ -643,7 +646,11 @@ async fn chat_completions(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    respond(StatusCode::OK, &completion.body(), &snapshot, request_id)
+    let mut response = respond(StatusCode::OK, &completion.body(), &snapshot, request_id);
+    response
+        .headers_mut()
+        .insert(PROCESSING_MS, number(delay.as_millis() as u64));
+    response
 }
 
 fn context_length_body(window: u64, prompt_tokens: u64) -> Value {
@@ -837,6 +844,7 @@ async fn stream(
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     insert_rate_headers(headers, snapshot);
     headers.insert(REQUEST_ID, text(format!("req_sim{request_id:012x}")));
+    headers.insert(PROCESSING_MS, number(delay.as_millis() as u64));
     response
 }
 

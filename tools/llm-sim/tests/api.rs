@@ -536,7 +536,7 @@ async fn token_limit_refuses_with_type_tokens() {
 }
 
 /// 6 000 RPM with a one-second burst: at most 100 at once, then 100 per second. Eight clients
-/// push as hard as they can for three seconds; the admitted count must match the limit within
+/// push as hard as they can for four seconds; the admitted count must match the limit within
 /// a few percent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_limit_holds_over_a_measured_window() {
@@ -551,7 +551,7 @@ async fn request_limit_holds_over_a_measured_window() {
         })
         .await,
     );
-    let window = Duration::from_secs(3);
+    let window = Duration::from_secs(4);
     let start = Instant::now();
     let outcomes = Arc::new(Mutex::new(Vec::new()));
     let mut clients = Vec::new();
@@ -589,18 +589,18 @@ async fn request_limit_holds_over_a_measured_window() {
     );
     // Burst plus refill over the whole window is a hard ceiling.
     assert!(
-        admitted.len() <= 100 + 300 + 2,
+        admitted.len() <= 100 + 400 + 2,
         "admitted {}",
         admitted.len()
     );
     // After the burst is spent: 100 per second, within 5 %.
     let steady = admitted
         .iter()
-        .filter(|sent| (Duration::from_secs(1)..Duration::from_secs(3)).contains(*sent))
+        .filter(|sent| (Duration::from_secs(1)..Duration::from_secs(4)).contains(*sent))
         .count();
     assert!(
-        (190..=210).contains(&steady),
-        "admitted {steady} in 2 s at 100/s"
+        (285..=315).contains(&steady),
+        "admitted {steady} in 3 s at 100/s"
     );
     let stats = sim.get_json("/_sim/stats").await;
     assert_eq!(stats["by_status"]["200"], admitted.len() as u64);
@@ -855,30 +855,48 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn timed_requests(sim: &Arc<Sim>, count: usize, concurrency: usize) -> Vec<f64> {
+/// Wall time and the latency the server says it applied (`openai-processing-ms`), per request,
+/// sorted by the latter.
+async fn timed_requests(sim: &Arc<Sim>, count: usize, concurrency: usize) -> Vec<(f64, f64)> {
     let per_client = count / concurrency;
     let mut clients = Vec::new();
     for _ in 0..concurrency {
         let sim = sim.clone();
         clients.push(tokio::spawn(async move {
             let request = json!({"messages": [{"role": "user", "content": "hi"}]});
-            let mut millis = Vec::new();
+            let mut timings = Vec::new();
             for _ in 0..per_client {
                 let started = Instant::now();
-                assert_eq!(sim.chat(&request).await.status(), StatusCode::OK);
-                millis.push(started.elapsed().as_secs_f64() * 1000.0);
+                let response = sim.chat(&request).await;
+                assert_eq!(response.status(), StatusCode::OK);
+                let applied = header_u64(&response, "openai-processing-ms") as f64;
+                response.bytes().await.unwrap();
+                timings.push((started.elapsed().as_secs_f64() * 1000.0, applied));
             }
-            millis
+            timings
         }));
     }
     let mut all = Vec::new();
     for client in clients {
         all.extend(client.await.unwrap());
     }
-    all.sort_by(f64::total_cmp);
+    all.sort_by(|a, b| a.1.total_cmp(&b.1));
+    // The latency was really spent: no answer came back sooner than its draw.
+    for (wall, applied) in &all {
+        assert!(
+            *wall >= *applied - 1.0,
+            "answered after {wall} ms, latency {applied} ms"
+        );
+    }
     all
 }
 
+fn applied(timings: &[(f64, f64)]) -> Vec<f64> {
+    timings.iter().map(|(_, applied)| *applied).collect()
+}
+
+/// The draws are checked through `openai-processing-ms` (exact, whatever the machine's load);
+/// `timed_requests` checks that each was really waited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latency_follows_the_configured_distribution() {
     let sim = Arc::new(
@@ -888,30 +906,29 @@ async fn latency_follows_the_configured_distribution() {
         })
         .await,
     );
-    let fixed = timed_requests(&sim, 10, 5).await;
-    assert!(
-        fixed[0] >= 120.0 && fixed[fixed.len() - 1] < 220.0,
-        "fixed: {fixed:?}"
-    );
+    let fixed = applied(&timed_requests(&sim, 10, 5).await);
+    assert!(fixed.iter().all(|ms| *ms == 120.0), "fixed: {fixed:?}");
 
     sim.configure(json!({"latency": {"kind": "uniform", "min_ms": 50, "max_ms": 100}}))
         .await;
-    let uniform = timed_requests(&sim, 60, 20).await;
+    let uniform = applied(&timed_requests(&sim, 200, 20).await);
     let mean = uniform.iter().sum::<f64>() / uniform.len() as f64;
     assert!(
-        uniform[0] >= 50.0 && uniform[uniform.len() - 1] < 160.0,
+        uniform[0] >= 50.0 && uniform[uniform.len() - 1] <= 100.0,
         "uniform: {uniform:?}"
     );
-    assert!((66.0..=90.0).contains(&mean), "uniform mean {mean}");
+    // Mean 75, sd of the mean 14.4/sqrt(200) = 1: ±4 is four sd.
+    assert!((71.0..=79.0).contains(&mean), "uniform mean {mean}");
 
-    // p50 40 ms, p99 120 ms: p90 is 73 ms. 300 draws pin p50 to about ±10 % and p90 to ±15 %.
+    // p50 40 ms, p99 120 ms: p90 is 73 ms. With 400 draws, ±12 % on p50 and ±16 % on p90
+    // are four standard errors.
     sim.configure(json!({"latency": {"kind": "lognormal", "p50_ms": 40, "p99_ms": 120}}))
         .await;
-    let lognormal = timed_requests(&sim, 300, 30).await;
+    let lognormal = applied(&timed_requests(&sim, 400, 40).await);
     let p50 = percentile(&lognormal, 0.5);
     let p90 = percentile(&lognormal, 0.9);
-    assert!((34.0..=50.0).contains(&p50), "lognormal p50 {p50}");
-    assert!((62.0..=95.0).contains(&p90), "lognormal p90 {p90}");
+    assert!((35.0..=45.0).contains(&p50), "lognormal p50 {p50}");
+    assert!((62.0..=86.0).contains(&p90), "lognormal p90 {p90}");
 }
 
 #[tokio::test]
@@ -926,26 +943,23 @@ async fn streaming_spreads_the_latency_over_the_chunks() {
     let started = Instant::now();
     let mut response = sim.chat(&request).await;
     let first_byte = started.elapsed();
+    assert_eq!(header(&response, "openai-processing-ms"), "400");
     let mut arrivals = Vec::new();
     while let Some(bytes) = response.chunk().await.unwrap() {
         arrivals.push((started.elapsed(), bytes.len()));
     }
     let total = started.elapsed();
+    assert!(total >= Duration::from_millis(400), "total {total:?}");
+    // The first byte comes after one share of the latency, not after all of it, and the body
+    // arrives piece by piece over the rest.
     assert!(
-        first_byte < Duration::from_millis(200),
-        "first byte after {first_byte:?}"
+        first_byte < total / 2,
+        "first byte after {first_byte:?} of {total:?}"
     );
+    let first_arrival = arrivals[0].0;
+    let last_arrival = arrivals[arrivals.len() - 1].0;
     assert!(
-        total >= Duration::from_millis(400) && total < Duration::from_millis(650),
-        "total {total:?}"
-    );
-    // The body arrives piece by piece over the latency, not in one go at the end.
-    let early = arrivals
-        .iter()
-        .filter(|(at, _)| *at < Duration::from_millis(300))
-        .count();
-    assert!(
-        early >= 2 && arrivals.len() > early,
+        arrivals.len() >= 3 && last_arrival - first_arrival >= Duration::from_millis(200),
         "arrivals {arrivals:?}"
     );
 }
