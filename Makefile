@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Integration tests share one broker; a few at a time keeps 2 cores responsive.
 TEST_THREADS ?= 4
 
-.PHONY: help demo test stack-up stack-down stack-status build lint fmt clippy unit bench clean-stack
+.PHONY: help demo test helm-check stack-up stack-down stack-status build lint fmt clippy unit bench clean-stack
 
 help:
 	@echo "make demo        run the pipeline locally and watch tickets being triaged"
@@ -12,6 +12,7 @@ help:
 	@echo "make stack-up    start Kafka (KRaft), Redis and PostgreSQL on loopback (idempotent)"
 	@echo "make stack-down  stop them"
 	@echo "make bench       run the benchmarks recorded in docs/BENCHMARKS.md"
+	@echo "make helm-check  lint, render and validate the Helm chart (installs helm into .local/bin)"
 
 stack-up:
 	@deploy/stack.sh up
@@ -33,9 +34,14 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # Tests named serial_* measure time (throughput against a rate limit) and run alone afterwards.
-test: stack-up lint
+test: stack-up lint helm-check
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS) --skip serial_
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=1 serial_
+
+# helm lint/template of every value set, offline schema validation (Kubernetes 1.33), compose and
+# Dockerfile checks; installs helm into .local/bin on first use. The chart's Rust tests need it.
+helm-check:
+	@deploy/helm-check.sh
 
 demo: stack-up
 	@deploy/demo.sh

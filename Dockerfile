@@ -1,0 +1,63 @@
+# syntax=docker/dockerfile:1
+# One image with every binary of the workspace (ticket-publisher, inference-worker, result-writer,
+# dlq-alerter, lag-autoscaler, llm-sim, loadgen). The Helm chart picks the binary with `command`;
+# `docker run` runs the one named by the SERVICE build argument:
+#   docker build -t ticket-triage .                          # all binaries, entrypoint ticket-publisher
+#   docker build --build-arg SERVICE=inference-worker -t inference-worker .
+#   docker build --target llm-sim -t llm-sim .               # one target per binary, too
+
+ARG RUST_IMAGE=rust:1-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
+
+FROM ${RUST_IMAGE} AS builder
+# librdkafka is built from source by rdkafka-sys (make, a C compiler, perl) against the system's
+# OpenSSL and zlib; protoc comes vendored with the build, so no protobuf package is needed.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential pkg-config libssl-dev zlib1g-dev perl \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bins \
+    && mkdir -p /out \
+    && for bin in ticket-publisher inference-worker result-writer dlq-alerter lag-autoscaler llm-sim loadgen; do \
+         cp "target/release/$bin" /out/; \
+       done
+
+FROM ${RUNTIME_IMAGE} AS runtime
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 65532 triage \
+    && useradd --system --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin triage
+COPY --from=builder /out/ /usr/local/bin/
+# Non-root, and nothing to write outside /tmp (the chart mounts the root filesystem read-only).
+USER 65532:65532
+WORKDIR /tmp
+# Admin (/healthz, /readyz, /metrics), ticket HTTP and gRPC, result-writer API, External Metrics, llm-sim.
+EXPOSE 9090 8080 50051 8081 6443 8089
+
+FROM runtime AS ticket-publisher
+ENTRYPOINT ["/usr/local/bin/ticket-publisher"]
+
+FROM runtime AS inference-worker
+ENTRYPOINT ["/usr/local/bin/inference-worker"]
+
+FROM runtime AS result-writer
+ENTRYPOINT ["/usr/local/bin/result-writer"]
+
+FROM runtime AS dlq-alerter
+ENTRYPOINT ["/usr/local/bin/dlq-alerter"]
+
+FROM runtime AS lag-autoscaler
+ENTRYPOINT ["/usr/local/bin/lag-autoscaler"]
+
+FROM runtime AS llm-sim
+ENTRYPOINT ["/usr/local/bin/llm-sim"]
+
+# The default target. SERVICE_BINARY, not TRIAGE_*: every TRIAGE_ variable is read as configuration.
+FROM runtime AS ticket-triage
+ARG SERVICE=ticket-publisher
+ENV SERVICE_BINARY=${SERVICE}
+ENTRYPOINT ["/bin/sh", "-c", "exec /usr/local/bin/\"$SERVICE_BINARY\" \"$@\"", "--"]

@@ -1,0 +1,276 @@
+//! Test support for the deployment artefacts: renders the Helm chart with the real `helm`
+//! binary and loads each rendered `config.toml` the way the services do.
+//!
+//! # Layout
+//! - [`render`]: `helm template` of `helm/ticket-triage` into parsed manifests ([`Rendered`]).
+//! - [`Rendered`]: look-ups by kind and name, a pod's environment with Secret references resolved.
+//! - [`load_config`]: a config file plus environment through `triage_runtime::config::load`.
+//!
+//! `helm` is the one deploy/helm-check.sh installs into `.local/bin`; without it the tests fail
+//! and say how to get it, rather than skip.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use serde::Deserialize;
+use serde_json::Value;
+use triage_runtime::config::{ConfigError, Validate};
+
+/// The Kubernetes version the chart is rendered for (the one deploy/helm-check.sh validates).
+pub const KUBE_VERSION: &str = "1.33.0";
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("the crate lives two levels below the workspace root")
+        .to_path_buf()
+}
+
+/// The chart's directory.
+pub fn chart_dir() -> PathBuf {
+    repo_root().join("helm/ticket-triage")
+}
+
+/// The project-local helm binary; panics with the way to install it when it is missing.
+pub fn helm_binary() -> PathBuf {
+    let helm = repo_root().join(".local/bin/helm");
+    assert!(
+        helm.exists(),
+        "{} is missing: run deploy/helm-check.sh (make test does) to install helm",
+        helm.display()
+    );
+    helm
+}
+
+/// Every manifest `helm template` rendered, in order.
+#[derive(Debug)]
+pub struct Rendered {
+    pub manifests: Vec<Value>,
+    /// The release namespace the chart was rendered for.
+    pub namespace: String,
+}
+
+/// The values files under `helm/ticket-triage/ci/` a test renders with, e.g. `["direct-values.yaml"]`,
+/// plus `--set` pairs. The release is called `triage` in namespace `triage`.
+pub fn render(values_files: &[&str], set: &[&str]) -> Result<Rendered, String> {
+    let namespace = "triage";
+    let mut command = Command::new(helm_binary());
+    command
+        .arg("template")
+        .arg("triage")
+        .arg(chart_dir())
+        .args(["--namespace", namespace])
+        .args(["--kube-version", KUBE_VERSION]);
+    for file in values_files {
+        command
+            .arg("--values")
+            .arg(chart_dir().join("ci").join(file));
+    }
+    for pair in set {
+        command.args(["--set", pair]);
+    }
+    let output = command
+        .output()
+        .map_err(|e| format!("failed to run helm: {e}"))?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    let text = String::from_utf8(output.stdout).map_err(|e| e.to_string())?;
+    let mut manifests = Vec::new();
+    for document in serde_norway::Deserializer::from_str(&text) {
+        let value = Value::deserialize(document).map_err(|e| format!("rendered YAML: {e}"))?;
+        if !value.is_null() {
+            manifests.push(value);
+        }
+    }
+    Ok(Rendered {
+        manifests,
+        namespace: namespace.to_owned(),
+    })
+}
+
+impl Rendered {
+    pub fn of_kind(&self, kind: &str) -> impl Iterator<Item = &Value> {
+        let kind = kind.to_owned();
+        self.manifests
+            .iter()
+            .filter(move |m| m["kind"] == kind.as_str())
+    }
+
+    pub fn get(&self, kind: &str, name: &str) -> Option<&Value> {
+        self.of_kind(kind).find(|m| m["metadata"]["name"] == name)
+    }
+
+    /// Names of the objects of one kind.
+    pub fn names(&self, kind: &str) -> Vec<String> {
+        self.of_kind(kind)
+            .filter_map(|m| m["metadata"]["name"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// The decoded `data` of a rendered Secret.
+    pub fn secret_data(&self, name: &str) -> Option<BTreeMap<String, String>> {
+        let secret = self.get("Secret", name)?;
+        let data = secret["data"].as_object()?;
+        Some(
+            data.iter()
+                .map(|(key, value)| {
+                    let decoded = base64_decode(value.as_str().unwrap_or_default());
+                    (key.clone(), decoded)
+                })
+                .collect(),
+        )
+    }
+
+    /// A Deployment's first container's environment: plain values as they are, Secret references
+    /// resolved against the rendered Secrets or, for Secrets the chart does not render (an
+    /// `existingSecret`), against `existing` (`"secret/key"` → value). Field references are skipped.
+    pub fn container_env(
+        &self,
+        deployment: &Value,
+        existing: &BTreeMap<&str, &str>,
+    ) -> Result<Vec<(String, String)>, String> {
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        let mut env = Vec::new();
+        for variable in container["env"].as_array().into_iter().flatten() {
+            let name = variable["name"].as_str().unwrap_or_default().to_owned();
+            if let Some(value) = variable["value"].as_str() {
+                env.push((name, value.to_owned()));
+                continue;
+            }
+            let reference = &variable["valueFrom"]["secretKeyRef"];
+            if reference.is_null() {
+                continue;
+            }
+            let secret = reference["name"].as_str().unwrap_or_default();
+            let key = reference["key"].as_str().unwrap_or_default();
+            let value = self
+                .secret_data(secret)
+                .and_then(|data| data.get(key).cloned())
+                .or_else(|| {
+                    existing
+                        .get(format!("{secret}/{key}").as_str())
+                        .map(|v| v.to_string())
+                })
+                .ok_or_else(|| format!("{name} refers to {secret}/{key}, which does not exist"))?;
+            env.push((name, value));
+        }
+        Ok(env)
+    }
+}
+
+fn base64_decode(text: &str) -> String {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Loads a service's configuration exactly as the binary does (`--config FILE` and the given
+/// `TRIAGE_*` environment) inside a `figment::Jail`, so the environment of other tests is not
+/// touched. Validation problems about files that exist only in the pod (mounted Secrets under
+/// `/etc/triage/`) are dropped; every other problem, and every unknown key, is an error.
+// figment::Jail fixes the closure's error type to its own large `figment::Error`.
+#[allow(clippy::result_large_err)]
+pub fn load_config<C>(config_toml: &str, env: &[(String, String)]) -> Result<C, String>
+where
+    C: Default + serde::Serialize + serde::de::DeserializeOwned + Validate,
+{
+    let mut outcome = Err("the jail did not run".to_owned());
+    figment::Jail::expect_with(|jail| {
+        jail.create_file("config.toml", config_toml)?;
+        for (name, value) in env {
+            jail.set_env(name, value);
+        }
+        let args = vec![
+            "svc".to_owned(),
+            "--config".to_owned(),
+            "config.toml".to_owned(),
+        ];
+        outcome = match triage_runtime::config::load::<C>(args) {
+            Ok(config) => Ok(config),
+            Err(ConfigError::Invalid(problems)) => {
+                let remaining: Vec<_> = problems
+                    .into_iter()
+                    .filter(|p| !p.contains("/etc/triage/"))
+                    .collect();
+                if remaining.is_empty() {
+                    // Only pod-only files were missing: the rest is valid, so deserialise without
+                    // validation to hand the config back.
+                    use figment::providers::{Format, Serialized, Toml};
+                    figment::Figment::from(Serialized::defaults(C::default()))
+                        .merge(Toml::string(config_toml))
+                        .extract::<C>()
+                        .map_err(|e| e.to_string())
+                } else {
+                    Err(remaining.join("; "))
+                }
+            }
+            Err(error) => Err(error.to_string()),
+        };
+        Ok(())
+    });
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use triage_runtime::config::{AdminConfig, KafkaConfig};
+
+    #[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Sample {
+        kafka: KafkaConfig,
+        admin: AdminConfig,
+    }
+
+    impl Validate for Sample {
+        fn validate(&self, problems: &mut Vec<String>) {
+            self.kafka.validate(problems);
+            self.admin.validate(problems);
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors_and_the_environment_counts() {
+        let error =
+            load_config::<Sample>("[kafka]\nbootstrap_server = \"x:9092\"\n", &[]).unwrap_err();
+        assert!(error.contains("bootstrap_server"), "{error}");
+        let error = load_config::<Sample>("[admin]\ndrain_timeout = \"0s\"\n", &[]).unwrap_err();
+        assert!(error.contains("admin.drain_timeout"), "{error}");
+        let env = [("TRIAGE_KAFKA__SASL_PASSWORD".to_owned(), "pw".to_owned())];
+        let toml = "[kafka]\nsecurity_protocol = \"sasl_ssl\"\nsasl_username = \"u\"\n";
+        assert!(
+            load_config::<Sample>(toml, &[]).is_err(),
+            "a missing password is a problem"
+        );
+        let config = load_config::<Sample>(toml, &env).unwrap();
+        assert_eq!(config.kafka.sasl_password.unwrap().expose(), "pw");
+    }
+
+    #[test]
+    fn only_problems_with_pod_files_are_forgiven() {
+        #[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
+        #[serde(default)]
+        struct WithFile {
+            path: String,
+        }
+        impl Validate for WithFile {
+            fn validate(&self, problems: &mut Vec<String>) {
+                if !self.path.is_empty() && !Path::new(&self.path).exists() {
+                    problems.push(format!("path: cannot read {}", self.path));
+                }
+            }
+        }
+        let config: WithFile = load_config("path = \"/etc/triage/secrets/x\"\n", &[]).unwrap();
+        assert_eq!(config.path, "/etc/triage/secrets/x");
+        assert!(load_config::<WithFile>("path = \"/nonexistent/x\"\n", &[]).is_err());
+    }
+}

@@ -1,0 +1,188 @@
+{{/*
+Each service's config.toml. Only keys of the service's `Config` (deny_unknown_fields) appear
+here; crates/triage-deploy-tests deserialises every rendered file into the real type. Secrets
+never appear: they come from files under /etc/triage/secrets or TRIAGE_* variables.
+*/}}
+
+{{- define "tt.hasApiKeys" -}}
+{{- if or .Values.auth.keys .Values.auth.existingSecret -}}true{{- end -}}
+{{- end -}}
+
+{{- define "tt.config.ticket-publisher" -}}
+{{- $v := .Values -}}
+# ticket-publisher: the HTTP and gRPC ingress (the dispatch stage runs in ticket-dispatcher).
+{{ include "tt.sharedConfig" . }}
+
+{{ include "tt.topicProvisioning" (list . true) }}
+
+[ingress]
+enabled = true
+http_listen = "0.0.0.0:8080"
+grpc_listen = "0.0.0.0:50051"
+delivery_timeout = {{ include "tt.str" $v.ticketPublisher.ingress.deliveryTimeout }}
+rate_limit_per_second = {{ int $v.ticketPublisher.ingress.rateLimitPerSecond }}
+rate_limit_burst = {{ int $v.ticketPublisher.ingress.rateLimitBurst }}
+idempotency_ttl = {{ include "tt.str" $v.ticketPublisher.ingress.idempotencyTtl }}
+
+[auth]
+{{- if include "tt.hasApiKeys" . }}
+keys_file = "/etc/triage/secrets/api-keys"
+{{- end }}
+
+[redis]
+# url comes from TRIAGE_REDIS__URL (a Secret).
+key_prefix = {{ include "tt.str" $v.ticketPublisher.redisKeyPrefix }}
+
+[dispatch]
+enabled = false
+{{- end -}}
+
+{{- define "tt.config.ticket-dispatcher" -}}
+{{- $v := .Values -}}
+{{- $d := $v.ticketDispatcher -}}
+# ticket-dispatcher: the transactional events -> tasks stage of the ticket-publisher binary.
+{{ include "tt.sharedConfig" . }}
+
+{{ include "tt.topicProvisioning" (list . true) }}
+
+[ingress]
+enabled = false
+
+[dispatch]
+enabled = true
+group_id = {{ include "tt.str" $d.groupId }}
+transactional_id = {{ include "tt.str" $d.transactionalId }}
+# replica_id unset: the pod name ($POD_NAME), so a restarted pod fences its predecessor.
+batch_max_records = {{ int $d.batchMaxRecords }}
+batch_max_wait = {{ include "tt.str" $d.batchMaxWait }}
+
+[dispatch.prompt]
+version = {{ include "tt.str" $d.prompt.version }}
+model = {{ include "tt.str" $d.prompt.model }}
+{{- end -}}
+
+{{- define "tt.config.inference-worker" -}}
+{{- $w := .Values.inferenceWorker -}}
+# inference-worker: calls the LLM for each task, never twice for the same ticket.
+{{ include "tt.sharedConfig" . }}
+
+[consumer]
+group_id = {{ include "tt.str" $w.groupId }}
+max_in_flight = {{ int $w.maxInFlight }}
+
+[llm]
+base_url = {{ include "tt.str" $w.llm.baseUrl }}
+{{- with $w.llm.model }}
+model = {{ include "tt.str" . }}
+{{- end }}
+{{- if or $w.llm.apiKey $w.llm.existingSecret }}
+api_key_file = "/etc/triage/secrets/llm-api-key"
+{{- end }}
+{{- with $w.llm.azureApiVersion }}
+azure_api_version = {{ include "tt.str" . }}
+{{- end }}
+structured_output = {{ $w.llm.structuredOutput }}
+max_tokens = {{ int $w.llm.maxTokens }}
+request_timeout = {{ include "tt.str" $w.llm.requestTimeout }}
+
+[rate_limit]
+requests_per_minute = {{ int $w.rateLimit.requestsPerMinute }}
+tokens_per_minute = {{ int $w.rateLimit.tokensPerMinute }}
+
+[retry]
+deadline = {{ include "tt.str" $w.retryDeadline }}
+
+[cache]
+# redis_url comes from TRIAGE_CACHE__REDIS_URL (a Secret).
+key_prefix = {{ include "tt.str" $w.cacheKeyPrefix }}
+on_unavailable = {{ include "tt.str" $w.onRedisUnavailable }}
+{{- end -}}
+
+{{- define "tt.config.result-writer" -}}
+{{- $r := .Values.resultWriter -}}
+# result-writer: results into PostgreSQL, and the read API.
+{{ include "tt.sharedConfig" . }}
+
+[consumer]
+group_id = {{ include "tt.str" $r.groupId }}
+
+[database]
+# url comes from TRIAGE_DATABASE__URL (a Secret).
+schema = {{ include "tt.str" $r.database.schema }}
+pool_size = {{ int $r.database.poolSize }}
+
+[batch]
+max_rows = {{ int $r.batchMaxRows }}
+max_delay = {{ include "tt.str" $r.batchMaxDelay }}
+
+[api]
+listen = "0.0.0.0:8081"
+
+[auth]
+{{- if include "tt.hasApiKeys" . }}
+keys_file = "/etc/triage/secrets/api-keys"
+{{- end }}
+{{- end -}}
+
+{{- define "tt.config.dlq-alerter" -}}
+{{- $a := .Values.dlqAlerter -}}
+# dlq-alerter: dead letters to Slack, folded per error class and window.
+{{ include "tt.sharedConfig" . }}
+
+{{ include "tt.topicProvisioning" (list . true) }}
+
+[consumer]
+group_id = {{ include "tt.str" $a.groupId }}
+
+[slack]
+{{- if or $a.slack.webhookUrl $a.slack.existingSecret }}
+webhook_url_file = "/etc/triage/secrets/slack-webhook-url"
+{{- end }}
+
+[aggregation]
+window = {{ include "tt.str" $a.aggregationWindow }}
+
+[alerts]
+replay_command = {{ include "tt.str" (default (printf "kubectl -n %s exec deploy/%s -- dlq-alerter replay" .Release.Namespace (include "tt.name" (list . "dlq-alerter"))) $a.replayCommand) }}
+{{- end -}}
+
+{{- define "tt.config.lag-autoscaler" -}}
+{{- $root := . -}}
+{{- $v := .Values -}}
+{{- $mode := $v.autoscaling.mode -}}
+# lag-autoscaler: consumer lag as metrics, External Metrics API{{ if eq $mode "direct" }} and direct scaling{{ end }}.
+{{ include "tt.sharedConfig" . }}
+
+[lag]
+interval = {{ include "tt.str" $v.lagAutoscaler.interval }}
+{{- range (include "tt.consumers" . | fromYaml).consumers }}
+{{- $autoscaling := (index $v .key).autoscaling }}
+
+[[lag.groups]]
+group = {{ include "tt.str" .group }}
+topic = {{ include "tt.str" .topic }}
+deployment = {{ include "tt.str" (include "tt.name" (list $root .component)) }}
+target_lag_per_replica = {{ int $autoscaling.targetLagPerReplica }}
+min_replicas = {{ int $autoscaling.minReplicas }}
+max_replicas = {{ include "tt.maxReplicas" (list $root .key) }}
+{{- end }}
+
+[external_metrics]
+enabled = {{ eq $mode "external" }}
+listen = "0.0.0.0:{{ int $v.lagAutoscaler.externalMetricsPort }}"
+{{- if and (eq $mode "external") (eq $v.autoscaling.external.tls "generate") }}
+tls_cert = "/etc/triage/tls/tls.crt"
+tls_key = "/etc/triage/tls/tls.key"
+{{- else }}
+self_signed_names = [{{ include "tt.str" (include "tt.name" (list . "lag-autoscaler")) }}, {{ include "tt.str" (printf "%s.%s.svc" (include "tt.name" (list . "lag-autoscaler")) .Release.Namespace) }}]
+{{- end }}
+
+[direct]
+enabled = {{ eq $mode "direct" }}
+dry_run = {{ $v.autoscaling.direct.dryRun }}
+namespace = {{ include "tt.str" .Release.Namespace }}
+max_replicas = {{ int $v.topics.partitions }}
+scale_up_stabilization = "{{ int $v.autoscaling.behavior.scaleUpStabilizationSeconds }}s"
+scale_down_stabilization = "{{ int $v.autoscaling.behavior.scaleDownStabilizationSeconds }}s"
+cooldown = {{ include "tt.str" $v.autoscaling.direct.cooldown }}
+{{- end -}}
