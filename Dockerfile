@@ -12,6 +12,8 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 FROM ${RUST_IMAGE} AS builder
 # librdkafka is built from source by rdkafka-sys (make, a C compiler, perl) against the system's
 # OpenSSL and zlib; protoc comes vendored with the build, so no protobuf package is needed.
+# Debian's versions are not pinned: bookworm only ships security fixes, and a pin breaks on each.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential pkg-config libssl-dev zlib1g-dev perl \
     && rm -rf /var/lib/apt/lists/*
@@ -26,6 +28,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
        done
 
 FROM ${RUNTIME_IMAGE} AS runtime
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g \
     && rm -rf /var/lib/apt/lists/* \

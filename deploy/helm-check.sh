@@ -38,6 +38,14 @@ if [ ! -x "$BIN/kubevalidate" ] || [ -n "$(find "$KUBEVALIDATE_SRC" -newer "$BIN
   (cd "$KUBEVALIDATE_SRC" && go build -o "$BIN/kubevalidate" .)
 fi
 
+# NOTES.txt is rendered only by `helm install`, which wants a cluster; a copy of the chart that
+# renders it as an ordinary template lets every value set's NOTES be rendered (and read) here.
+NOTES_CHART="$ROOT/.local/helm-notes-chart"
+rm -rf "$NOTES_CHART" && cp -r "$CHART" "$NOTES_CHART"
+{ echo '{{- define "tt.notesForCheck" -}}'; cat "$CHART/templates/NOTES.txt"; echo '{{- end -}}'; } \
+  >"$NOTES_CHART/templates/_notes_check.tpl"
+printf 'notes: |\n{{ include "tt.notesForCheck" . | indent 2 }}\n' >"$NOTES_CHART/templates/notes-check.yaml"
+
 failures=0
 for values in "$CHART"/ci/*-values.yaml; do
   name="$(basename "$values" -values.yaml)"
@@ -52,7 +60,11 @@ for values in "$CHART"/ci/*-values.yaml; do
   if ! result="$("$BIN/kubevalidate" "$out")"; then
     say "$name does not validate against Kubernetes $KUBE_VERSION:"; echo "$result"; failures=$((failures + 1)); continue
   fi
-  say "$name: lint ok, $(grep -c '^kind:' "$out") objects rendered; ${result#kubevalidate: }"
+  if ! "$BIN/helm" template triage "$NOTES_CHART" --namespace triage --values "$values" \
+      --show-only templates/notes-check.yaml >"$RENDERED/$name.notes" 2>&1; then
+    say "NOTES.txt does not render for $name:"; cat "$RENDERED/$name.notes"; failures=$((failures + 1)); continue
+  fi
+  say "$name: lint ok, $(grep -c '^kind:' "$out") objects rendered, NOTES ok; ${result#kubevalidate: }"
 done
 
 # A typo in values must fail at install: values.schema.json refuses unknown keys.
