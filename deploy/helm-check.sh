@@ -25,10 +25,12 @@ if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
   export PATH="/usr/local/go/bin:$PATH"
 fi
 
-if [ ! -x "$BIN/helm" ] || ! "$BIN/helm" version --template '{{.Version}}' 2>/dev/null | grep -q "^${HELM_VERSION%.*}"; then
+# A go-installed helm reports only its minor version, so the exact one is kept beside it.
+if [ ! -x "$BIN/helm" ] || [ "$(cat "$BIN/.helm-version" 2>/dev/null)" != "$HELM_VERSION" ]; then
   command -v go >/dev/null 2>&1 || { say "go is needed to install helm (go install from the module proxy)"; exit 1; }
   say "installing helm $HELM_VERSION into .local/bin (go install, a few minutes on 2 cores)"
   GOBIN="$BIN" GOFLAGS=-mod=mod go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  echo "$HELM_VERSION" >"$BIN/.helm-version"
 fi
 
 KUBEVALIDATE_SRC="$ROOT/deploy/kubevalidate"
