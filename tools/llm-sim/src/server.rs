@@ -306,14 +306,25 @@ async fn mark_simulator(mut response: Response) -> Response {
     response
 }
 
-async fn not_found(method: Method, uri: Uri) -> Response {
+async fn not_found(
+    State(state): State<SimState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
     let body = openai::error_body(
         &format!("Invalid URL ({method} {})", uri.path()),
         "invalid_request_error",
         None,
         None,
     );
-    (StatusCode::NOT_FOUND, Json(body)).into_response()
+    let current = state.current();
+    let snapshot = state.shared.limiter.peek(
+        api_key(&headers),
+        &current.config.rate_limits,
+        Instant::now(),
+    );
+    respond(StatusCode::NOT_FOUND, &body, &snapshot, state.next_id())
 }
 
 /// The rate-limit bucket's name: the bearer token, or one shared bucket without one.

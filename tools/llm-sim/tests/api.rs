@@ -536,8 +536,10 @@ async fn token_limit_refuses_with_type_tokens() {
 }
 
 /// 6 000 RPM with a one-second burst: at most 100 at once, then 100 per second. Eight clients
-/// push as hard as they can for four seconds; the admitted count must match the limit within
-/// a few percent.
+/// push as hard as they can for four seconds. The limit allows exactly 100 + 100/s × the time
+/// from the first request to the last answer, and the simulator must admit that many within a
+/// few percent: never more (the limit holds), and no fewer than 95 % (the limit is not stricter
+/// than advertised; a client stall wastes capacity only once the bucket is full, a whole second).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_limit_holds_over_a_measured_window() {
     let sim = Arc::new(
@@ -563,9 +565,8 @@ async fn request_limit_holds_over_a_measured_window() {
                 json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10});
             let mut mine = Vec::new();
             while start.elapsed() < window {
-                let sent = start.elapsed();
                 let status = sim.chat_as(Some("sk-load"), None, &request).await.status();
-                mine.push((sent, status));
+                mine.push((start.elapsed(), status));
             }
             outcomes.lock().await.extend(mine);
         }));
@@ -574,36 +575,32 @@ async fn request_limit_holds_over_a_measured_window() {
         client.await.unwrap();
     }
     let outcomes = outcomes.lock().await;
-    let admitted: Vec<Duration> = outcomes
+    let admitted = outcomes
         .iter()
         .filter(|(_, status)| *status == StatusCode::OK)
-        .map(|(sent, _)| *sent)
-        .collect();
+        .count();
     let refused = outcomes
         .iter()
         .filter(|(_, status)| *status == StatusCode::TOO_MANY_REQUESTS)
         .count();
+    assert_eq!(admitted + refused, outcomes.len());
     assert!(
-        refused > admitted.len(),
+        refused > admitted,
         "clients pushed past the limit ({refused} refused)"
     );
-    // Burst plus refill over the whole window is a hard ceiling.
+    let last_answer = outcomes.iter().map(|(done, _)| *done).max().unwrap();
+    let allowed = 100.0 + 100.0 * last_answer.as_secs_f64();
+    let admitted = admitted as f64;
     assert!(
-        admitted.len() <= 100 + 400 + 2,
-        "admitted {}",
-        admitted.len()
+        admitted <= allowed + 1.0,
+        "admitted {admitted}, the limit allows {allowed:.1}"
     );
-    // After the burst is spent: 100 per second, within 5 %.
-    let steady = admitted
-        .iter()
-        .filter(|sent| (Duration::from_secs(1)..Duration::from_secs(4)).contains(*sent))
-        .count();
     assert!(
-        (285..=315).contains(&steady),
-        "admitted {steady} in 3 s at 100/s"
+        admitted >= 0.95 * (100.0 + 100.0 * window.as_secs_f64()),
+        "admitted {admitted}, the limit allows {allowed:.1}"
     );
     let stats = sim.get_json("/_sim/stats").await;
-    assert_eq!(stats["by_status"]["200"], admitted.len() as u64);
+    assert_eq!(stats["by_status"]["200"], admitted as u64);
     assert_eq!(stats["by_status"]["429"], refused as u64);
 }
 
@@ -991,10 +988,7 @@ async fn models_config_and_errors_speak_openai() {
 
     let missing = sim.client.get(sim.url("/v1/nothing")).send().await.unwrap();
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
-    assert_eq!(
-        header(&missing, "x-llm-simulator"),
-        llm_sim::SIMULATOR_VERSION
-    );
+    assert_rate_headers(&missing);
     let body: Value = missing.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");
 
