@@ -11,7 +11,8 @@ help:
 	@echo "make test        start the local stack, then fmt, clippy and the whole test suite"
 	@echo "make stack-up    start Kafka (KRaft), Redis and PostgreSQL on loopback (idempotent)"
 	@echo "make stack-down  stop them"
-	@echo "make bench       run the benchmarks recorded in docs/BENCHMARKS.md"
+	@echo "make bench       run the benchmarks recorded in docs/BENCHMARKS.md (BENCH=name for one)"
+	@echo "make chaos       kill workers, restart broker/Redis/PostgreSQL, LLM outage; check nothing is lost"
 	@echo "make helm-check  lint, render and validate the Helm chart (installs helm into .local/bin)"
 
 stack-up:
@@ -33,8 +34,10 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# Tests named serial_* measure time (throughput against a rate limit) and run alone afterwards.
+# Tests named serial_* measure time (throughput against a rate limit) or restart the shared stack
+# (chaos), so they run alone, after the rest. The end-to-end tests start the service binaries.
 test: stack-up lint helm-check
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS) --skip serial_
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=1 serial_
 
@@ -48,3 +51,8 @@ demo: stack-up
 
 bench: stack-up
 	@deploy/bench.sh $(BENCH)
+
+# Restarts the shared broker, Redis and PostgreSQL: run it alone. CHAOS_ARGS e.g. --tickets 5000.
+chaos: stack-up
+	cargo build --workspace --bins --quiet
+	target/debug/pipeline chaos $(CHAOS_ARGS)

@@ -45,8 +45,13 @@ pub fn init(
 ) -> Result<TelemetryGuard, TelemetryError> {
     let provider = tracer_provider(service, config)?;
     let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
+    // OpenTelemetry's own diagnostics are noise at INFO (and repeat the `message` key in JSON).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{},opentelemetry=warn,opentelemetry_sdk=warn",
+            config.log_level
+        ))
+    });
     let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
     let installed = match config.log_format {
         LogFormat::Json => registry

@@ -112,24 +112,9 @@ pub async fn ensure_topics(
         return Ok(outcomes);
     }
 
-    let metadata_admin = Arc::clone(&admin);
-    let metadata = tokio::task::spawn_blocking(move || {
-        metadata_admin.inner().fetch_metadata(None, ADMIN_TIMEOUT)
-    })
-    .await
-    .expect("metadata fetch does not panic")
-    .map_err(|source| KafkaError::Unreachable {
-        timeout: ADMIN_TIMEOUT,
-        source,
-    })?;
     let mut grow = Vec::new();
     for spec in existing {
-        let current = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == spec.name)
-            .map(|t| t.partitions().len() as i32)
-            .unwrap_or(0);
+        let current = partition_count(&admin, &spec.name).await?;
         if current < spec.partitions {
             grow.push((spec, current));
         } else {
@@ -146,14 +131,52 @@ pub async fn ensure_topics(
             .await
             .map_err(KafkaError::Admin)?;
         for ((spec, from), result) in grow.into_iter().zip(results) {
-            result.map_err(|(topic, code)| KafkaError::Topic {
-                action: "add partitions to",
-                topic,
-                reason: code.to_string(),
-            })?;
+            match result {
+                Ok(_) => {}
+                // Another replica grew it at the same moment: the topic is as configured.
+                Err((_, RDKafkaErrorCode::InvalidPartitions))
+                    if partition_count(&admin, &spec.name).await? >= spec.partitions =>
+                {
+                    outcomes.push((spec.name.clone(), TopicOutcome::Existing));
+                    continue;
+                }
+                Err((topic, code)) => {
+                    return Err(KafkaError::Topic {
+                        action: "add partitions to",
+                        topic,
+                        reason: code.to_string(),
+                    });
+                }
+            }
             tracing::info!(topic = %spec.name, from, to = spec.partitions, "grew topic partitions");
             outcomes.push((spec.name.clone(), TopicOutcome::Grown { from }));
         }
     }
     Ok(outcomes)
+}
+
+/// The partition count of `topic` as the cluster reports it now (0 when it does not exist).
+async fn partition_count(
+    admin: &Arc<AdminClient<DefaultClientContext>>,
+    topic: &str,
+) -> Result<i32, KafkaError> {
+    let metadata_admin = Arc::clone(admin);
+    let topic_name = topic.to_owned();
+    let metadata = tokio::task::spawn_blocking(move || {
+        metadata_admin
+            .inner()
+            .fetch_metadata(Some(&topic_name), ADMIN_TIMEOUT)
+    })
+    .await
+    .expect("metadata fetch does not panic")
+    .map_err(|source| KafkaError::Unreachable {
+        timeout: ADMIN_TIMEOUT,
+        source,
+    })?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map(|t| t.partitions().len() as i32)
+        .unwrap_or(0))
 }

@@ -3,11 +3,14 @@
 
 use std::time::Duration;
 
+use opentelemetry::trace::TraceContextExt;
 use rdkafka::{
     message::OwnedHeaders,
     producer::{FutureProducer, FutureRecord, Producer},
     util::Timeout,
 };
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use triage_proto::{ContentType, Contract};
 
 use super::{KafkaError, headers};
@@ -83,10 +86,39 @@ impl ContractProducer {
         message: &M,
         trace: &opentelemetry::Context,
     ) -> Result<Delivered, ProduceError> {
+        // A producer span, child of `trace`, whose context travels in the record's headers: the
+        // consumer's span becomes its child, so one trace follows the ticket across services.
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = format!("{topic} publish"),
+            otel.kind = "producer",
+            messaging.system = "kafka",
+            messaging.operation.type = "send",
+            messaging.destination.name = topic,
+            messaging.kafka.message.key = key,
+            messaging.message.type = M::MESSAGE_TYPE,
+            messaging.destination.partition.id = tracing::field::Empty,
+            messaging.kafka.offset = tracing::field::Empty,
+        );
+        let _ = span.set_parent(trace.clone());
         let payload = triage_proto::encode(message, self.content_type);
-        let headers = headers::for_message::<M>(self.service, self.content_type, trace);
-        self.send_raw(topic, key.as_bytes(), &payload, headers)
-            .await
+        // Without a subscriber (tools, tests) the span is disabled: pass the caller's context on.
+        let span_context = span.context();
+        let propagated = if span_context.span().span_context().is_valid() {
+            &span_context
+        } else {
+            trace
+        };
+        let headers = headers::for_message::<M>(self.service, self.content_type, propagated);
+        let delivered = self
+            .send_raw(topic, key.as_bytes(), &payload, headers)
+            .instrument(span.clone())
+            .await;
+        if let Ok(delivered) = &delivered {
+            span.record("messaging.destination.partition.id", delivered.partition);
+            span.record("messaging.kafka.offset", delivered.offset);
+        }
+        delivered
     }
 
     /// Sends bytes as they are, with the given headers; for replaying original records.

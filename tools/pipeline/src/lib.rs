@@ -1,0 +1,552 @@
+//! The whole pipeline on the local stack, as real processes: llm-sim (or a configured LLM), the
+//! five services, and a local webhook sink standing in for Slack. Used by `make demo`, the
+//! end-to-end tests (one trace per ticket, the demo itself) and `make chaos`.
+//!
+//! # Layout
+//! - [`Pipeline`]: start everything, submit tickets, read triages back, kill and restart
+//!   workers, stop everything.
+//! - [`sink`]: the Slack/webhook stand-in that records what dlq-alerter posts.
+//! - [`demo`]: what `make demo` shows.
+//! - [`chaos`]: the chaos run of `make chaos`.
+
+#![forbid(unsafe_code)]
+
+pub mod chaos;
+pub mod demo;
+pub mod sink;
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use triage_test_support::{ServiceProcess, Stack, TestContext, free_port, workspace_root};
+
+/// Which LLM the worker calls.
+#[derive(Clone, Debug)]
+pub enum Llm {
+    /// llm-sim started by the launcher: requests per minute and its latency spec
+    /// (`fixed:MS`, `uniform:MIN-MAX`, `lognormal:p50=MS,p99=MS`).
+    Simulator { rpm: u64, latency: String },
+    /// Any OpenAI-compatible endpoint.
+    External {
+        base_url: String,
+        api_key: String,
+        model: String,
+        rpm: u64,
+    },
+}
+
+/// How to start the pipeline.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Own topics, groups, Redis prefix and database schema (tests), or the pipeline's default
+    /// names (the demo).
+    pub isolated: Option<String>,
+    pub llm: Llm,
+    pub workers: usize,
+    pub partitions: i32,
+    /// OTLP/HTTP traces endpoint for every service.
+    pub otlp_endpoint: Option<String>,
+    /// Window in which dlq-alerter folds failures of one class into a summary.
+    pub alert_window: Duration,
+    /// `target/<profile>` holding the binaries.
+    pub bin_dir: PathBuf,
+}
+
+impl Options {
+    pub fn new(isolated: Option<&str>) -> Self {
+        Options {
+            isolated: isolated.map(str::to_owned),
+            llm: Llm::Simulator {
+                rpm: 600,
+                latency: "lognormal:p50=300,p99=1200".into(),
+            },
+            workers: 1,
+            partitions: 6,
+            otlp_endpoint: None,
+            alert_window: Duration::from_secs(10),
+            bin_dir: workspace_root().join("target/debug"),
+        }
+    }
+}
+
+/// The names one pipeline uses.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub tickets_created: String,
+    pub inference_tasks: String,
+    pub results: String,
+    pub dead_letters: String,
+    pub group_prefix: String,
+    pub redis_prefix: String,
+    pub db_schema: String,
+}
+
+impl Names {
+    fn for_options(options: &Options) -> (Names, Option<TestContext>) {
+        match &options.isolated {
+            Some(name) => {
+                let context = TestContext::new(name);
+                let names = Names {
+                    tickets_created: context.topics.tickets_created.clone(),
+                    inference_tasks: context.topics.inference_tasks.clone(),
+                    results: context.topics.results.clone(),
+                    dead_letters: context.topics.dead_letters.clone(),
+                    group_prefix: format!("{}-", context.id),
+                    redis_prefix: context.redis_prefix.clone(),
+                    db_schema: context.db_schema.clone(),
+                };
+                (names, Some(context))
+            }
+            None => (
+                Names {
+                    tickets_created: "events.tickets.created".into(),
+                    inference_tasks: "tasks.llm.inference".into(),
+                    results: "tasks.llm.results".into(),
+                    dead_letters: "dlq.llm.failed".into(),
+                    group_prefix: String::new(),
+                    redis_prefix: "triage:".into(),
+                    db_schema: "public".into(),
+                },
+                None,
+            ),
+        }
+    }
+
+    pub fn group(&self, service_group: &str) -> String {
+        format!("{}{service_group}", self.group_prefix)
+    }
+}
+
+/// A running pipeline. Dropping it kills every process it started.
+pub struct Pipeline {
+    pub names: Names,
+    pub tenant: String,
+    pub api_key: String,
+    pub http_url: String,
+    pub grpc_url: String,
+    pub results_url: String,
+    pub sim_url: Option<String>,
+    pub sink: sink::Sink,
+    run_dir: PathBuf,
+    options: Options,
+    sim: Option<ServiceProcess>,
+    publisher: ServiceProcess,
+    workers: Vec<ServiceProcess>,
+    writer: ServiceProcess,
+    alerter: ServiceProcess,
+    autoscaler: ServiceProcess,
+    http: reqwest::Client,
+}
+
+const SERVICES: [&str; 5] = [
+    "ticket-publisher",
+    "inference-worker",
+    "result-writer",
+    "dlq-alerter",
+    "lag-autoscaler",
+];
+
+impl Pipeline {
+    pub async fn start(options: Options) -> anyhow::Result<Pipeline> {
+        for binary in SERVICES.iter().chain(["llm-sim"].iter()) {
+            let path = options.bin_dir.join(binary);
+            if !path.exists() {
+                bail!(
+                    "{} is missing: run `cargo build --workspace --bins` first",
+                    path.display()
+                );
+            }
+        }
+        let stack = Stack::get();
+        let (names, context) = Names::for_options(&options);
+        match &context {
+            Some(context) => context.create_topics(options.partitions).await,
+            None => {
+                let topics = [
+                    names.tickets_created.as_str(),
+                    names.inference_tasks.as_str(),
+                    names.results.as_str(),
+                    names.dead_letters.as_str(),
+                ];
+                triage_test_support::create_topics(&topics, options.partitions).await;
+            }
+        }
+        let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let run_dir = workspace_root().join(".local/pipeline").join(&run_id);
+        std::fs::create_dir_all(&run_dir)?;
+
+        let tenant = "demo".to_owned();
+        let api_key = format!("tk_demo_{}", uuid::Uuid::new_v4().simple());
+        let keys_file = run_dir.join("api-keys");
+        std::fs::write(
+            &keys_file,
+            format!("{tenant}:{}\n", hex::encode(Sha256::digest(&api_key))),
+        )?;
+
+        let sink = sink::Sink::start().await?;
+        let (sim, sim_url, base_url, llm_key, model, rpm) = match &options.llm {
+            Llm::Simulator { rpm, latency } => {
+                let port = free_port();
+                let args = [
+                    "--listen".to_owned(),
+                    format!("127.0.0.1:{port}"),
+                    "--rpm".to_owned(),
+                    rpm.to_string(),
+                    "--burst-ms".to_owned(),
+                    "1000".to_owned(),
+                    "--latency".to_owned(),
+                    latency.clone(),
+                ];
+                let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                let sim = ServiceProcess::spawn(&options.bin_dir.join("llm-sim"), &arg_refs, &[]);
+                let url = format!("http://127.0.0.1:{port}");
+                wait_http(&format!("{url}/v1/models")).await?;
+                (
+                    Some(sim),
+                    Some(url.clone()),
+                    format!("{url}/v1"),
+                    "sk-sim".to_owned(),
+                    "gpt-4o-mini".to_owned(),
+                    *rpm,
+                )
+            }
+            Llm::External {
+                base_url,
+                api_key,
+                model,
+                rpm,
+            } => (
+                None,
+                None,
+                base_url.clone(),
+                api_key.clone(),
+                model.clone(),
+                *rpm,
+            ),
+        };
+
+        let partitions = options.partitions;
+        let http_port = free_port();
+        let grpc_port = free_port();
+        let results_port = free_port();
+        let common = |telemetry: &mut String| {
+            let _ = writeln!(
+                telemetry,
+                "[kafka]\nbootstrap_servers = {:?}\nclient_id = \"triage-{run_id}\"",
+                stack.kafka_bootstrap
+            );
+            let _ = writeln!(
+                telemetry,
+                "[topics]\ntickets_created = {:?}\ninference_tasks = {:?}\nresults = {:?}\ndead_letters = {:?}",
+                names.tickets_created, names.inference_tasks, names.results, names.dead_letters
+            );
+            let _ = writeln!(
+                telemetry,
+                "[telemetry]\nlog_format = \"json\"\nlog_level = \"info\""
+            );
+            if let Some(endpoint) = &options.otlp_endpoint {
+                let _ = writeln!(telemetry, "otlp_endpoint = {endpoint:?}");
+            }
+        };
+
+        let mut publisher_toml = String::new();
+        common(&mut publisher_toml);
+        let _ = writeln!(
+            publisher_toml,
+            "[ingress]\nhttp_listen = \"127.0.0.1:{http_port}\"\ngrpc_listen = \"127.0.0.1:{grpc_port}\"\n\
+             [auth]\nkeys_file = {:?}\n[redis]\nurl = {:?}\nkey_prefix = \"{}ingress:\"\n\
+             [topic_provisioning]\npartitions = {partitions}\n\
+             [dispatch]\ngroup_id = {:?}\ntransactional_id = \"dispatch-{run_id}\"\n[dispatch.prompt]\nmodel = {model:?}",
+            keys_file.display().to_string(),
+            stack.redis_url,
+            names.redis_prefix,
+            names.group("ticket-dispatcher"),
+        );
+        let mut worker_toml = String::new();
+        common(&mut worker_toml);
+        let _ = writeln!(
+            worker_toml,
+            "[consumer]\ngroup_id = {:?}\n[llm]\nbase_url = {base_url:?}\napi_key = {llm_key:?}\n\
+             [rate_limit]\nrequests_per_minute = {rpm}\ntokens_per_minute = 0\n\
+             [cache]\nredis_url = {:?}\nkey_prefix = {:?}\nlease_ttl = \"5s\"\n\
+             [retry]\nmax_backoff = \"2s\"\n[circuit]\nopen_for = \"1s\"",
+            names.group("inference-worker"),
+            stack.redis_url,
+            names.redis_prefix,
+        );
+        let mut writer_toml = String::new();
+        common(&mut writer_toml);
+        let _ = writeln!(
+            writer_toml,
+            "[consumer]\ngroup_id = {:?}\n[database]\nurl = {:?}\nschema = {:?}\n[api]\nlisten = \"127.0.0.1:{results_port}\"\n[auth]\nkeys_file = {:?}",
+            names.group("result-writer"),
+            stack.database_url,
+            names.db_schema,
+            keys_file.display().to_string(),
+        );
+        let mut alerter_toml = String::new();
+        common(&mut alerter_toml);
+        let _ = writeln!(
+            alerter_toml,
+            "[consumer]\ngroup_id = {:?}\n[slack]\nwebhook_url = \"{}/slack\"\n[aggregation]\nwindow = \"{}ms\"\n[topic_provisioning]\npartitions = {partitions}",
+            names.group("dlq-alerter"),
+            sink.url,
+            options.alert_window.as_millis(),
+        );
+        let mut autoscaler_toml = String::new();
+        common(&mut autoscaler_toml);
+        let _ = writeln!(
+            autoscaler_toml,
+            "[lag]\ninterval = \"2s\"\n[external_metrics]\nlisten = \"127.0.0.1:{}\"",
+            free_port()
+        );
+        for (group, topic, deployment) in [
+            (
+                "ticket-dispatcher",
+                &names.tickets_created,
+                "ticket-publisher",
+            ),
+            (
+                "inference-worker",
+                &names.inference_tasks,
+                "inference-worker",
+            ),
+            ("result-writer", &names.results, "result-writer"),
+            ("dlq-alerter", &names.dead_letters, "dlq-alerter"),
+        ] {
+            let _ = writeln!(
+                autoscaler_toml,
+                "[[lag.groups]]\ngroup = {:?}\ntopic = {topic:?}\ndeployment = {deployment:?}",
+                names.group(group)
+            );
+        }
+
+        let configs = [
+            ("ticket-publisher", publisher_toml),
+            ("inference-worker", worker_toml),
+            ("result-writer", writer_toml),
+            ("dlq-alerter", alerter_toml),
+            ("lag-autoscaler", autoscaler_toml),
+        ];
+        for (service, toml) in &configs {
+            std::fs::write(run_dir.join(format!("{service}.toml")), toml)?;
+        }
+        let spawn = |service: &str| spawn_service(&options.bin_dir, &run_dir, service);
+        let mut publisher = spawn("ticket-publisher");
+        let mut writer = spawn("result-writer");
+        let mut alerter = spawn("dlq-alerter");
+        let mut autoscaler = spawn("lag-autoscaler");
+        let mut workers: Vec<ServiceProcess> = (0..options.workers)
+            .map(|_| spawn("inference-worker"))
+            .collect();
+        let ready = Duration::from_secs(60);
+        publisher.wait_ready(ready).await;
+        writer.wait_ready(ready).await;
+        alerter.wait_ready(ready).await;
+        autoscaler.wait_ready(ready).await;
+        for worker in &mut workers {
+            worker.wait_ready(ready).await;
+        }
+        Ok(Pipeline {
+            names,
+            tenant,
+            api_key,
+            http_url: format!("http://127.0.0.1:{http_port}"),
+            grpc_url: format!("http://127.0.0.1:{grpc_port}"),
+            results_url: format!("http://127.0.0.1:{results_port}"),
+            sim_url,
+            sink,
+            run_dir,
+            options,
+            sim,
+            publisher,
+            workers,
+            writer,
+            alerter,
+            autoscaler,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    /// `POST /v1/tickets`; the status and the JSON answer (202 body or problem details).
+    pub async fn submit(
+        &self,
+        ticket: &Value,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/tickets", self.http_url))
+            .bearer_auth(&self.api_key)
+            .timeout(Duration::from_secs(30))
+            .json(ticket);
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    /// The triage of `ticket_id` from result-writer's API, once it exists.
+    pub async fn triage(&self, ticket_id: &str) -> anyhow::Result<Option<Value>> {
+        let response = self
+            .http
+            .get(format!(
+                "{}/v1/tickets/{ticket_id}/triage",
+                self.results_url
+            ))
+            .bearer_auth(&self.api_key)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await?;
+        match response.status().as_u16() {
+            200 => Ok(Some(response.json().await?)),
+            404 => Ok(None),
+            status => bail!("result-writer answered {status} for ticket {ticket_id}"),
+        }
+    }
+
+    /// lag-autoscaler's view of every group (`/api/v1/lag`).
+    pub async fn lag(&self) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .get(self.autoscaler.admin_url("/api/v1/lag"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// llm-sim's stats, when the simulator runs.
+    pub async fn sim_stats(&self) -> anyhow::Result<Value> {
+        let url = self
+            .sim_url
+            .as_ref()
+            .context("no simulator in this pipeline")?;
+        Ok(self
+            .http
+            .get(format!("{url}/_sim/stats"))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// Changes llm-sim's configuration at run time (`POST /_sim/config`).
+    pub async fn sim_config(&self, patch: &Value) -> anyhow::Result<()> {
+        let url = self
+            .sim_url
+            .as_ref()
+            .context("no simulator in this pipeline")?;
+        let response = self
+            .http
+            .post(format!("{url}/_sim/config"))
+            .json(patch)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "llm-sim refused the configuration"
+        );
+        Ok(())
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// `kill -9` of worker `index`; returns once it is gone.
+    pub async fn kill_worker(&mut self, index: usize) {
+        let worker = &mut self.workers[index];
+        worker.signal("KILL");
+        worker.wait_exit(Duration::from_secs(10)).await;
+    }
+
+    /// Starts worker `index` again (after a kill) and waits until it is ready.
+    pub async fn restart_worker(&mut self, index: usize) {
+        let mut worker = spawn_service(&self.options.bin_dir, &self.run_dir, "inference-worker");
+        worker.wait_ready(Duration::from_secs(60)).await;
+        self.workers[index] = worker;
+    }
+
+    /// Where the services' logs are.
+    pub fn log_hint(&self) -> String {
+        workspace_root()
+            .join("target/test-logs")
+            .display()
+            .to_string()
+    }
+
+    pub fn admin_urls(&self) -> Vec<(&'static str, String)> {
+        let mut urls = vec![
+            ("ticket-publisher", self.publisher.admin_url("")),
+            ("result-writer", self.writer.admin_url("")),
+            ("dlq-alerter", self.alerter.admin_url("")),
+            ("lag-autoscaler", self.autoscaler.admin_url("")),
+        ];
+        for worker in &self.workers {
+            urls.push(("inference-worker", worker.admin_url("")));
+        }
+        urls
+    }
+
+    /// SIGTERM to every service, then waits for each to exit (flushing spans and offsets).
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let mut processes: Vec<&mut ServiceProcess> = vec![
+            &mut self.publisher,
+            &mut self.writer,
+            &mut self.alerter,
+            &mut self.autoscaler,
+        ];
+        processes.extend(self.workers.iter_mut());
+        for process in &processes {
+            process.signal("TERM");
+        }
+        for process in processes {
+            let status = process.wait_exit(Duration::from_secs(40)).await;
+            if !status.success() {
+                bail!("a service exited with {status}:\n{}", process.log());
+            }
+        }
+        if let Some(sim) = self.sim.as_mut() {
+            sim.signal("TERM");
+            sim.wait_exit(Duration::from_secs(10)).await;
+        }
+        Ok(())
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+}
+
+fn spawn_service(bin_dir: &Path, run_dir: &Path, service: &str) -> ServiceProcess {
+    let config = run_dir.join(format!("{service}.toml"));
+    let config = config.display().to_string();
+    ServiceProcess::spawn(&bin_dir.join(service), &["--config", &config], &[])
+}
+
+async fn wait_http(url: &str) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        if client
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{url} did not answer")
+}
