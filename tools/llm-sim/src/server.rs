@@ -875,6 +875,32 @@ mod tests {
         assert!(serde_json::from_str::<Value>(&malformed(&answer.content)).is_err());
     }
 
+    #[tokio::test]
+    async fn router_answers_without_a_socket() {
+        let state = SimState::new(SimConfig::default()).unwrap();
+        let request = axum::http::Request::post("/v1/chat/completions")
+            .header(header::AUTHORIZATION, "Bearer sk-oneshot")
+            .header(IDEMPOTENCY_KEY, "k")
+            .body(Body::from(
+                r#"{"messages":[{"role":"user","content":"<ticket>refund</ticket>"}]}"#,
+            ))
+            .unwrap();
+        let response = router(state.clone()).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[SIMULATOR_HEADER], SIMULATOR_VERSION);
+        assert_eq!(response.headers()[REMAINING_REQUESTS], "29999");
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let completion: Value = serde_json::from_slice(&body).unwrap();
+        let content = completion["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap();
+        let answer: Value = serde_json::from_str(content).unwrap();
+        assert_eq!(answer["category"], "billing");
+        assert_eq!(state.stats().report().paid_requests_by_key["k"], 1);
+    }
+
     #[test]
     fn max_tokens_cuts_the_answer() {
         let request: ChatRequest = serde_json::from_value(json!({
