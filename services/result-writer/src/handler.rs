@@ -7,6 +7,8 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::DateTime;
 use rdkafka::{Message, message::OwnedMessage};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use triage_proto::v1::{ErrorClass, InferenceResult};
 use triage_runtime::{
     kafka::{
@@ -26,8 +28,8 @@ use crate::{
 
 /// A record after `prepare`.
 pub enum Item {
-    /// A valid triage, ready for the table.
-    Triage(NewTriage),
+    /// A valid triage, ready for the table, with the trace context its record carried.
+    Triage(NewTriage, opentelemetry::Context),
     /// A record that cannot be stored; it goes to the dead-letter topic.
     Reject {
         record: OwnedMessage,
@@ -78,7 +80,7 @@ impl RecordHandler for ResultHandler {
                 .and_then(DateTime::from_timestamp_millis),
         };
         match NewTriage::from_result(result, source) {
-            Ok(triage) => Item::Triage(triage),
+            Ok(triage) => Item::Triage(triage, headers::extract_trace_context(record.headers())),
             Err(error) => Item::Reject {
                 class: ErrorClass::InvalidEvent,
                 message: error.to_string(),
@@ -92,23 +94,40 @@ impl RecordHandler for ResultHandler {
         // One result of a ticket at a time, so a ticket is never in two batches at once and its
         // results are written in offset order.
         match item {
-            Item::Triage(triage) => Some(triage.ticket_id.as_bytes().to_vec()),
+            Item::Triage(triage, _) => Some(triage.ticket_id.as_bytes().to_vec()),
             Item::Reject { record, .. } => record.key().map(<[u8]>::to_vec),
         }
     }
 
     async fn handle(&self, item: Item) -> Disposition {
         match item {
-            Item::Triage(triage) => {
-                let (written_tx, written_rx) = oneshot::channel();
-                let pending = Pending { triage, written_tx };
-                if self.pending_tx.send(pending).await.is_err() {
-                    return Disposition::Abandon;
+            Item::Triage(triage, trace) => {
+                // The last hop of the ticket's trace: consumed, then durable in PostgreSQL.
+                let span = tracing::info_span!(
+                    "store triage",
+                    otel.kind = "consumer",
+                    messaging.system = "kafka",
+                    messaging.operation.type = "process",
+                    messaging.destination.partition.id = triage.source_partition,
+                    messaging.kafka.offset = triage.source_offset,
+                    db.system.name = "postgresql",
+                    db.operation.name = "INSERT",
+                    ticket.id = %triage.ticket_id,
+                );
+                let _ = span.set_parent(trace);
+                async move {
+                    let (written_tx, written_rx) = oneshot::channel();
+                    let pending = Pending { triage, written_tx };
+                    if self.pending_tx.send(pending).await.is_err() {
+                        return Disposition::Abandon;
+                    }
+                    match written_rx.await {
+                        Ok(()) => Disposition::Done,
+                        Err(_) => Disposition::Abandon,
+                    }
                 }
-                match written_rx.await {
-                    Ok(()) => Disposition::Done,
-                    Err(_) => Disposition::Abandon,
-                }
+                .instrument(span)
+                .await
             }
             Item::Reject {
                 record,

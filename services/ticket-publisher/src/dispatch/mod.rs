@@ -358,11 +358,14 @@ impl Dispatcher {
 fn route(message: &OwnedMessage, config: &Config) -> Outbound {
     let record_headers = message.headers();
     let parent = headers::extract_trace_context(record_headers);
-    let span = tracing::debug_span!(
+    let span = tracing::info_span!(
         "dispatch",
-        topic = message.topic(),
-        partition = message.partition(),
-        offset = message.offset()
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.destination.name = message.topic(),
+        messaging.destination.partition.id = message.partition(),
+        messaging.kafka.offset = message.offset(),
     );
     let _ = span.set_parent(parent.clone());
     let _entered = span.enter();
