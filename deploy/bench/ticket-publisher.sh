@@ -65,12 +65,22 @@ for _ in $(seq 1 100); do
 done
 curl -fsS "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null
 
+CLK_TCK=$(getconf CLK_TCK)
+publisher_cpu_ticks() { awk '{print $14 + $15}' "/proc/$PUBLISHER/stat"; }
+
+# One loadgen run; its JSON line gets the publisher's CPU time over the run (warm-up included)
+# and the machine's 1-minute load average, since the broker and other work share the cores.
 loadgen() {
   local transport=$1; shift
   local target
   if [[ $transport == http ]]; then target=(--url "http://127.0.0.1:$HTTP_PORT"); else target=(--addr "http://127.0.0.1:$GRPC_PORT"); fi
-  target/release/loadgen "$transport" "${target[@]}" --api-key "$API_KEY" --duration "$DURATION" "$@" \
-    | head -1 | tee -a "$JSONL"
+  local before after report
+  before=$(publisher_cpu_ticks)
+  report=$(target/release/loadgen "$transport" "${target[@]}" --api-key "$API_KEY" --duration "$DURATION" "$@")
+  report=${report%%$'\n'*}
+  after=$(publisher_cpu_ticks)
+  python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r["publisher_cpu_s"]=(int(sys.argv[2])-int(sys.argv[3]))/int(sys.argv[4]); r["load_avg_1m"]=float(open("/proc/loadavg").read().split()[0]); print(json.dumps(r))' \
+    "$report" "$after" "$before" "$CLK_TCK" | tee -a "$JSONL"
 }
 
 echo "machine: $(nproc) cores, $(uname -sr), $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -89,8 +99,8 @@ path, runs, duration, rate, concurrency = sys.argv[1:]
 reports = [json.loads(line) for line in open(path) if line.strip()]
 def median(values): return statistics.median(values)
 print()
-print("| transport | load | accepted/s (median) | p50 ms | p99 ms | max ms (worst run) | refused (all runs) | runs |")
-print("|---|---|---|---|---|---|---|---|")
+print("| transport | load | accepted/s (median) | p50 ms | p99 ms | max ms (worst run) | publisher CPU µs/ticket | load avg (1 min) | refused | runs |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for transport in ("http", "grpc"):
     for label, load in (("max", f"closed loop, {concurrency} clients"), ("rate", f"open loop, {rate}/s")):
         group = [r for r in reports if r["transport"] == transport and r["label"] == label]
@@ -98,7 +108,11 @@ for transport in ("http", "grpc"):
         refused = {}
         for r in group:
             for k, v in r["refused"].items(): refused[k] = refused.get(k, 0) + v
+        # CPU is measured over warm-up plus window; tickets over the window, scaled to both.
+        cpu_per_ticket = median([r["publisher_cpu_s"] * 1e6 / max(1.0, r["accepted_per_s"] * (r["duration_s"] + 2.0)) for r in group])
         print(f"| {transport} | {load} | {median([r['accepted_per_s'] for r in group]):,.0f} | "
               f"{median([r['p50_ms'] for r in group]):.2f} | {median([r['p99_ms'] for r in group]):.2f} | "
-              f"{max(r['max_ms'] for r in group):.1f} | {refused or 'none'} | {len(group)} × {duration} |")
+              f"{max(r['max_ms'] for r in group):.1f} | ≈{cpu_per_ticket:.0f} | "
+              f"{min(r['load_avg_1m'] for r in group):.1f}–{max(r['load_avg_1m'] for r in group):.1f} | "
+              f"{refused or 'none'} | {len(group)} × {duration} |")
 PY
