@@ -336,3 +336,44 @@ impl ServiceConfig for Config {
         &self.telemetry
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported_and_no_key_digest_is_printed() {
+        let mut config = Config::default();
+        config.auth.keys.push(ApiKeyEntry {
+            tenant: String::new(),
+            key_sha256: Secret::new("not-a-digest"),
+        });
+        config.ingress.max_json_depth = 0;
+        config.dispatch.prompt.categories.clear();
+        let mut problems = Vec::new();
+        config.validate(&mut problems);
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        let text = problems.join("\n");
+        for key in [
+            "auth.keys[0].tenant",
+            "auth.keys[0].key_sha256",
+            "ingress.max_json_depth",
+            "dispatch.prompt.categories",
+        ] {
+            assert!(text.contains(key), "{text}");
+        }
+        assert!(!text.contains("not-a-digest"), "{text}");
+        assert!(!format!("{config:?}").contains("not-a-digest"));
+    }
+
+    #[test]
+    fn the_transactional_id_ends_with_the_replica() {
+        let dispatch = DispatchConfig {
+            replica_id: "pod-3".into(),
+            ..DispatchConfig::default()
+        };
+        assert_eq!(dispatch.full_transactional_id(), "ticket-dispatcher-pod-3");
+        let unnamed = DispatchConfig::default();
+        assert!(unnamed.full_transactional_id().len() > "ticket-dispatcher-".len());
+    }
+}

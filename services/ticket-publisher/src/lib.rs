@@ -190,10 +190,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
 
     let mut waiting = shutdown.clone();
     let outcome = tokio::select! {
+        biased;
         () = waiting.wait() => Ok(()),
         Some(joined) = tasks.join_next() => {
-            // A part stopped before shutdown was asked for: that is a failure.
+            // A part stopped before shutdown was asked for: that is a failure. (A part that
+            // stopped because of the shutdown may win this race; that is not.)
             match joined {
+                Ok(Ok(())) if shutdown.is_triggered() => Ok(()),
                 Ok(Ok(())) => Err(anyhow::anyhow!("a stage stopped unexpectedly")),
                 Ok(Err(error)) => Err(error),
                 Err(panic) => Err(anyhow::anyhow!("a stage panicked: {panic}")),
