@@ -33,7 +33,7 @@ median() { sort -n | awk '{v[NR]=$1} END {if (NR%2) print v[(NR+1)/2]; else prin
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
 echo "command: RUNS=$RUNS N=$N M=$M RATE=$RATE deploy/bench/result-writer.sh"
-: > "$OUT/throughput.txt"; : > "$OUT/p50.txt"; : > "$OUT/p99.txt"
+: > "$OUT/throughput.txt"; : > "$OUT/p50.txt"; : > "$OUT/p99.txt"; : > "$OUT/per_cpu.txt"
 for run in $(seq 1 "$RUNS"); do
   id="$(date +%s)-$run-$RANDOM"
   topic="bench.result-writer.$id.results"
@@ -50,7 +50,12 @@ for run in $(seq 1 "$RUNS"); do
     "$WRITER" > "$OUT/writer-$run.log" 2>&1 &
   writer_pid=$!
   line=$($BENCH throughput --database-url "$DATABASE_URL" --schema "$schema" --count "$N")
+  # CPU the writer used (user + system, start-up included): rows per CPU-second shows what it
+  # costs even when other work shares the two cores.
+  cpu_seconds=$(awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$writer_pid/stat")
+  line="$line writer_cpu_seconds=$cpu_seconds rows_per_cpu_second=$(awk -v n="$N" -v c="$cpu_seconds" 'BEGIN {printf "%.0f", n / c}') load_avg_1m=$(cut -d' ' -f1 /proc/loadavg)"
   echo "run $run: $line"
+  echo "$line" | sed -n 's/.*rows_per_cpu_second=\([0-9.]*\).*/\1/p' >> "$OUT/per_cpu.txt"
   echo "$line" | sed -n 's/.*throughput_rows_per_s=\([0-9.]*\).*/\1/p' >> "$OUT/throughput.txt"
   line=$($BENCH --bootstrap "$KAFKA_BOOTSTRAP" latency --topic "$topic" --api "http://127.0.0.1:$api_port" \
     --key "$KEY" --rate "$RATE" --count "$M")
@@ -60,4 +65,4 @@ for run in $(seq 1 "$RUNS"); do
   kill -TERM "$writer_pid"; wait "$writer_pid" || true
   $BENCH --bootstrap "$KAFKA_BOOTSTRAP" cleanup --database-url "$DATABASE_URL" --schema "$schema" --topics "$topic" "$dlq" || true
 done
-echo "median of $RUNS runs: throughput_rows_per_s=$(median < "$OUT/throughput.txt") topic_to_readable_p50_ms=$(median < "$OUT/p50.txt") p99_ms=$(median < "$OUT/p99.txt") (at $RATE/s)"
+echo "median of $RUNS runs: throughput_rows_per_s=$(median < "$OUT/throughput.txt") rows_per_cpu_second=$(median < "$OUT/per_cpu.txt") topic_to_readable_p50_ms=$(median < "$OUT/p50.txt") p99_ms=$(median < "$OUT/p99.txt") (at $RATE/s)"
