@@ -5,6 +5,8 @@ use triage_test_support::{
     assert_starts_ready_and_exits_zero_on_sigterm, free_port,
 };
 
+mod common;
+
 const BINARY: &str = env!("CARGO_BIN_EXE_result-writer");
 
 #[tokio::test]
@@ -19,6 +21,10 @@ async fn starts_ready_and_exits_zero_on_sigterm() {
     ));
     env.push(("TRIAGE_CONSUMER__GROUP_ID".into(), ctx.group("writer")));
     assert_starts_ready_and_exits_zero_on_sigterm(BINARY, result_writer::SERVICE, &env).await;
+    common::Db::connect(&ctx.db_schema)
+        .await
+        .drop_schema()
+        .await;
 }
 
 #[test]
