@@ -38,6 +38,9 @@ struct Args {
     burst_ms: u64,
     #[arg(long, default_value = "release")]
     profile: String,
+    /// The worker's log filter (its log goes to target/test-logs/).
+    #[arg(long, default_value = "warn")]
+    log_level: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -121,7 +124,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                 args.rpm.to_string(),
             ),
             ("TRIAGE_RATE_LIMIT__TOKENS_PER_MINUTE", "0".to_owned()),
-            ("TRIAGE_TELEMETRY__LOG_LEVEL", "warn".to_owned()),
+            ("TRIAGE_TELEMETRY__LOG_LEVEL", args.log_level.clone()),
         ]
         .map(|(k, v)| (k.to_owned(), v)),
     );
@@ -144,6 +147,16 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         }
     }
     let cpu = cpu_seconds(worker.pid()) - cpu_at_start;
+    // The worker's own view (rate-limit waits, latencies), kept beside the report.
+    let worker_metrics = reqwest::get(worker.admin_url("/metrics"))
+        .await?
+        .text()
+        .await?;
+    std::fs::create_dir_all(workspace_root().join("target/bench"))?;
+    std::fs::write(
+        workspace_root().join("target/bench/inference-worker.metrics"),
+        worker_metrics,
+    )?;
     let peak_rss_kib = peak_rss_kib(worker.pid());
     worker.signal("TERM");
     worker.wait_exit(Duration::from_secs(30)).await;

@@ -618,7 +618,7 @@ impl WorkerHandler {
         protected: bool,
     ) {
         if protected
-            && let Some(exhausted) = completion.rate_limits.exhausted_for()
+            && let Some(exhausted) = completion.rate_limits.next_capacity_in()
             && let Err(error) = self.store.block_budget(bucket, exhausted).await
         {
             tracing::debug!(error = %error, "failed to share an exhausted budget");

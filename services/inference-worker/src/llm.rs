@@ -120,7 +120,29 @@ impl RateLimitHeaders {
         }
     }
 
-    /// How long nothing may be sent: when a budget is used up, until it resets.
+    /// After a successful call that used a budget up: how long until the provider has room for
+    /// one more request. `x-ratelimit-reset-*` is the time until the budget is full again, and
+    /// providers refill continuously, so one request's worth of it is `reset / limit`. Waiting
+    /// the whole reset (as for a 429) would throttle a worker running at the limit to a fraction
+    /// of it.
+    pub fn next_capacity_in(&self) -> Option<Duration> {
+        let per_unit = |remaining: Option<u64>, reset: Option<Duration>, limit: Option<u64>| {
+            (remaining == Some(0))
+                .then_some(reset)
+                .flatten()
+                .map(|reset| reset.div_f64(limit.unwrap_or(1).max(1) as f64))
+        };
+        let requests = per_unit(
+            self.remaining_requests,
+            self.reset_requests,
+            self.limit_requests,
+        );
+        let tokens = per_unit(self.remaining_tokens, self.reset_tokens, self.limit_tokens);
+        requests.into_iter().chain(tokens).max()
+    }
+
+    /// How long nothing may be sent after a 429 that gave no Retry-After: until the exhausted
+    /// budget resets.
     pub fn exhausted_for(&self) -> Option<Duration> {
         let requests = (self.remaining_requests == Some(0))
             .then_some(self.reset_requests)
@@ -490,6 +512,23 @@ mod tests {
         ]);
         assert_eq!(retry_after(&map), Some(Duration::from_secs(360)));
         assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn a_used_up_budget_waits_for_one_request_not_the_whole_reset() {
+        let map = headers(&[
+            ("x-ratelimit-limit-requests", "1200"),
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "1m0s"),
+        ]);
+        let limits = RateLimitHeaders::parse(&map);
+        assert_eq!(limits.next_capacity_in(), Some(Duration::from_millis(50)));
+        assert_eq!(limits.exhausted_for(), Some(Duration::from_secs(60)));
+        let room = headers(&[
+            ("x-ratelimit-remaining-requests", "3"),
+            ("x-ratelimit-reset-requests", "1s"),
+        ]);
+        assert_eq!(RateLimitHeaders::parse(&room).next_capacity_in(), None);
     }
 
     #[test]

@@ -369,7 +369,10 @@ pub async fn run<H: RecordHandler>(
         .set(
             "session.timeout.ms",
             run.config.session_timeout.as_millis().to_string(),
-        );
+        )
+        // After a resume the next records come with the next fetch response; librdkafka's
+        // default long poll (500 ms) made every resume cost half a second of idle window.
+        .set("fetch.wait.max.ms", "50");
     if let Some(instance_id) = &run.config.group_instance_id {
         client_config.set("group.instance.id", instance_id);
     }
