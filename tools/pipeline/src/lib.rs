@@ -8,9 +8,11 @@
 //! - [`sink`]: the Slack/webhook stand-in that records what dlq-alerter posts.
 //! - [`demo`]: what `make demo` shows.
 //! - [`chaos`]: the chaos run of `make chaos`.
+//! - [`bench`]: the pipeline benchmark of `make bench`.
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod chaos;
 pub mod demo;
 pub mod sink;

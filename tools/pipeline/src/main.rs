@@ -22,6 +22,21 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Tickets at a fixed rate through the whole pipeline (release binaries); reports JSON, a
+    /// markdown row and target/bench/pipeline.svg.
+    Bench {
+        #[arg(long, default_value_t = 3000)]
+        tickets: usize,
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// The LLM's requests-per-minute limit.
+        #[arg(long, default_value_t = 6000)]
+        rpm: u64,
+        #[arg(long, default_value = "lognormal:p50=300,p99=1200")]
+        latency: String,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+    },
     /// Tickets under worker kills, broker/Redis/PostgreSQL restarts and an LLM outage; checks
     /// that nothing is lost and nothing is paid twice beyond what was in flight.
     Chaos {
@@ -43,6 +58,25 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         match cli.command {
             Command::Demo { once } => pipeline::demo::run(pipeline::demo::DemoOptions::from_env(once)).await.map(|_| ()),
+            Command::Bench {
+                tickets,
+                rate,
+                rpm,
+                latency,
+                workers,
+            } => {
+                let report = pipeline::bench::run(pipeline::bench::BenchOptions {
+                    tickets,
+                    rate,
+                    rpm,
+                    latency,
+                    workers,
+                })
+                .await?;
+                println!("{report}");
+                println!("{}", pipeline::bench::markdown(&report));
+                Ok(())
+            }
             Command::Chaos {
                 tickets,
                 rate,

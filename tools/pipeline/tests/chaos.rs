@@ -1,0 +1,17 @@
+//! The chaos run at a size that fits CI (`make chaos` runs the full size). It restarts the
+//! shared broker, Redis and PostgreSQL, so it is a `serial_` test: make test runs those alone,
+//! after everything else.
+
+use std::time::Duration;
+
+use pipeline::chaos::{ChaosOptions, run};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_chaos_nothing_lost_nothing_paid_twice_beyond_the_kills() {
+    let mut options = ChaosOptions::new(300, 15.0);
+    options.worker_kills = 2;
+    options.outage = Duration::from_secs(5);
+    let report = run(options).await.expect("the chaos run completes");
+    println!("{report:#?}");
+    report.verify().expect("the guarantees hold");
+}
