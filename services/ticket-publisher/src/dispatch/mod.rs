@@ -9,7 +9,8 @@
 //!        ──▶ send_offsets_to_transaction(next offset per partition, group metadata)
 //!        ──▶ commit_transaction ──▶ idle
 //!   any error ──▶ abort_transaction ─▶ seek every partition back to its committed offset ─▶ idle
-//!   fatal error (fenced by a newer replica) ──▶ stop with an error
+//!   abort impossible (broker restarted mid-transaction) ──▶ new producer, init_transactions, seek back
+//!   fenced by a newer replica with the same transactional.id ──▶ stop with an error
 //! ```
 //!
 //! The tasks and the consumer offsets become visible together, so a read-committed consumer of
@@ -40,6 +41,7 @@ use rdkafka::{
     error::KafkaError,
     message::{OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord, Producer},
+    types::RDKafkaErrorCode,
 };
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use triage_proto::{
@@ -120,6 +122,44 @@ struct Outbound {
     is_task: bool,
 }
 
+/// Creates the transactional producer and runs `init_transactions`, which fences any previous
+/// producer with the same `transactional.id` and aborts its open transaction.
+async fn transactional_producer(config: &Config) -> Result<FutureProducer, DispatchError> {
+    let dispatch = &config.dispatch;
+    let transactional_id = dispatch.full_transactional_id();
+    let producer: FutureProducer = config
+        .kafka
+        .producer_config("dispatch-producer")
+        .set("transactional.id", &transactional_id)
+        .set(
+            "transaction.timeout.ms",
+            dispatch.transaction_timeout.as_millis().to_string(),
+        )
+        .set("linger.ms", "5")
+        .create()
+        .map_err(|source| DispatchError::Client {
+            role: "dispatch producer",
+            source,
+        })?;
+    let init_producer = producer.clone();
+    blocking(move || init_producer.init_transactions(TXN_CALL_TIMEOUT))
+        .await
+        .map_err(|source| DispatchError::Init {
+            transactional_id: transactional_id.clone(),
+            source,
+        })?;
+    Ok(producer)
+}
+
+/// Only another replica with the same `transactional.id` makes a producer error final; any
+/// other fatal or abort error is cured by a new producer (e.g. after a broker restart).
+fn is_fenced(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+    )
+}
+
 /// The running stage's clients and settings.
 pub struct Dispatcher {
     consumer: Arc<StreamConsumer>,
@@ -156,27 +196,7 @@ impl Dispatcher {
                 topic: config.topics.tickets_created.clone(),
                 source,
             })?;
-        let producer: FutureProducer = config
-            .kafka
-            .producer_config("dispatch-producer")
-            .set("transactional.id", &transactional_id)
-            .set(
-                "transaction.timeout.ms",
-                dispatch.transaction_timeout.as_millis().to_string(),
-            )
-            .set("linger.ms", "5")
-            .create()
-            .map_err(|source| DispatchError::Client {
-                role: "dispatch producer",
-                source,
-            })?;
-        let init_producer = producer.clone();
-        blocking(move || init_producer.init_transactions(TXN_CALL_TIMEOUT))
-            .await
-            .map_err(|source| DispatchError::Init {
-                transactional_id: transactional_id.clone(),
-                source,
-            })?;
+        let producer = transactional_producer(&config).await?;
         tracing::info!(
             transactional_id = %transactional_id,
             group_id = %dispatch.group_id,
@@ -192,7 +212,7 @@ impl Dispatcher {
     }
 
     /// Dispatches batches until `shutdown`; a batch in progress is finished first.
-    pub async fn run(self, mut shutdown: Shutdown) -> Result<(), DispatchError> {
+    pub async fn run(mut self, mut shutdown: Shutdown) -> Result<(), DispatchError> {
         let max_records = self.config.dispatch.batch_max_records;
         let max_wait = self.config.dispatch.batch_max_wait;
         loop {
@@ -228,7 +248,7 @@ impl Dispatcher {
     }
 
     /// Runs one batch as a transaction; on failure aborts and rewinds so the batch is read again.
-    async fn handle(&self, batch: Vec<OwnedMessage>) -> Result<(), DispatchError> {
+    async fn handle(&mut self, batch: Vec<OwnedMessage>) -> Result<(), DispatchError> {
         let started = Instant::now();
         match self.transact(&batch).await {
             Ok((tasks, dead_letters)) => {
@@ -247,17 +267,50 @@ impl Dispatcher {
                     .transactions
                     .get_or_create(&OutcomeLabels { outcome: "aborted" })
                     .inc();
-                if let KafkaError::Transaction(rd_error) = &error
-                    && rd_error.is_fatal()
-                {
+                if is_fenced(&error) {
                     return Err(DispatchError::Fatal(error));
                 }
                 tracing::warn!(error = %error, records = batch.len(), "dispatch transaction failed; aborting and rewinding");
+                let fatal =
+                    matches!(&error, KafkaError::Transaction(rd_error) if rd_error.is_fatal());
                 let producer = self.producer.clone();
-                blocking(move || producer.abort_transaction(TXN_CALL_TIMEOUT))
-                    .await
-                    .map_err(DispatchError::Abort)?;
+                let aborted = if fatal {
+                    Err(error)
+                } else {
+                    blocking(move || producer.abort_transaction(TXN_CALL_TIMEOUT)).await
+                };
+                if let Err(abort_error) = aborted {
+                    if is_fenced(&abort_error) {
+                        return Err(DispatchError::Abort(abort_error));
+                    }
+                    self.replace_producer(abort_error).await?;
+                }
                 self.rewind().await
+            }
+        }
+    }
+
+    /// A producer that cannot abort (its transaction state is broken, typically after the
+    /// broker restarted mid-transaction) is replaced; the new one's `init_transactions` aborts
+    /// what was open. Retried with backoff while the brokers are unreachable.
+    async fn replace_producer(&mut self, cause: KafkaError) -> Result<(), DispatchError> {
+        tracing::warn!(error = %cause, "transactional producer unusable; starting a new one");
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match transactional_producer(&self.config).await {
+                Ok(producer) => {
+                    self.producer = producer;
+                    tracing::info!("new transactional producer ready");
+                    return Ok(());
+                }
+                Err(DispatchError::Init { source, .. }) if is_fenced(&source) => {
+                    return Err(DispatchError::Fatal(source));
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, retry_in = ?delay, "cannot start a new transactional producer yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
             }
         }
     }
