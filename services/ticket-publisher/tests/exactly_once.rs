@@ -19,8 +19,9 @@ use triage_test_support::{
 
 const BINARY: &str = env!("CARGO_BIN_EXE_ticket-publisher");
 const EVENTS: usize = 20_000;
-/// Kill -9 rounds before the final, clean run.
-const KILLS: usize = 2;
+/// Kill -9 rounds before the final, clean run: several, so that at least one lands inside an
+/// open transaction (the test proves that one did).
+const KILLS: usize = 4;
 
 fn dispatcher_env(ctx: &TestContext) -> Vec<(String, String)> {
     let mut env = ctx.service_env();
@@ -32,8 +33,8 @@ fn dispatcher_env(ctx: &TestContext) -> Vec<(String, String)> {
         ("TRIAGE_DISPATCH__REPLICA_ID".into(), "replica-0".into()),
         // The restarted replica has the same name, as in a StatefulSet: it rejoins at once.
         ("TRIAGE_DISPATCH__STATIC_MEMBERSHIP".into(), "true".into()),
-        ("TRIAGE_DISPATCH__BATCH_MAX_RECORDS".into(), "200".into()),
-        ("TRIAGE_DISPATCH__BATCH_MAX_WAIT".into(), "20ms".into()),
+        ("TRIAGE_DISPATCH__BATCH_MAX_RECORDS".into(), "500".into()),
+        ("TRIAGE_DISPATCH__BATCH_MAX_WAIT".into(), "100ms".into()),
         ("TRIAGE_TELEMETRY__LOG_LEVEL".into(), "info".into()),
     ]);
     env
