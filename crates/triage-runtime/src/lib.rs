@@ -9,10 +9,12 @@
 //! - [`telemetry`]: JSON logs, OpenTelemetry spans and OTLP export.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`admin_http`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`auth`]: API keys (SHA-256 digests, constant-time) mapped to tenants.
 //! - [`service`]: the start-up and shutdown steps of every binary.
 //! - [`shutdown`]: SIGTERM/SIGINT and the shutdown broadcast.
 
 pub mod admin_http;
+pub mod auth;
 pub mod config;
 pub mod kafka;
 pub mod metrics;

@@ -1,9 +1,10 @@
 //! Configuration of result-writer; see `triage_runtime::config` for how it is loaded.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use triage_runtime::{
+    auth::AuthConfig,
     config::{AdminConfig, KafkaConfig, Secret, TelemetryConfig, TopicsConfig, Validate},
     kafka::consumer::ConsumerConfig,
     service::ServiceConfig,
@@ -147,25 +148,6 @@ impl Default for ApiConfig {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    /// API keys given in configuration.
-    pub keys: Vec<ApiKeyEntry>,
-    /// A secret file with more keys, one `tenant:sha256hex` per line (`#` starts a comment);
-    /// e.g. a mounted Kubernetes Secret.
-    pub keys_file: Option<PathBuf>,
-}
-
-/// One tenant's key, held only as its SHA-256 digest.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApiKeyEntry {
-    pub tenant: String,
-    /// Hex SHA-256 of the key (`printf %s "$KEY" | sha256sum`).
-    pub key_sha256: Secret,
-}
-
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhooksConfig {
@@ -268,21 +250,7 @@ impl Validate for Config {
         if self.api.stream_buffer == 0 {
             problems.push("api.stream_buffer must be at least 1".into());
         }
-        for (index, entry) in self.auth.keys.iter().enumerate() {
-            if entry.tenant.trim().is_empty() {
-                problems.push(format!("auth.keys[{index}].tenant must not be empty"));
-            }
-            if crate::auth::parse_sha256(entry.key_sha256.expose()).is_none() {
-                problems.push(format!(
-                    "auth.keys[{index}].key_sha256 must be 64 hex digits (a SHA-256 digest)"
-                ));
-            }
-        }
-        if let Some(path) = &self.auth.keys_file
-            && let Err(error) = crate::auth::read_keys_file(path)
-        {
-            problems.push(format!("auth.keys_file: {error}"));
-        }
+        self.auth.validate(problems);
         let webhooks = &self.webhooks;
         let mut tenants = std::collections::HashSet::new();
         for (index, endpoint) in webhooks.endpoints.iter().enumerate() {

@@ -17,7 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod auth;
+pub use triage_runtime::auth;
 pub mod batch;
 pub mod config;
 pub mod db;

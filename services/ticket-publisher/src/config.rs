@@ -4,10 +4,11 @@
 //! `redis` (the `Idempotency-Key` store) and `dispatch` (the transactional events → tasks stage).
 //! Either stage can be switched off, so that one image serves both Deployments.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use triage_runtime::{
+    auth::AuthConfig,
     config::{
         AdminConfig, KafkaConfig, Secret, TelemetryConfig, TopicProvisioning, TopicsConfig,
         Validate,
@@ -90,26 +91,6 @@ impl Default for IngressConfig {
             idempotency_ttl: Duration::from_secs(24 * 3600),
         }
     }
-}
-
-/// One API key: the tenant it belongs to and the hex SHA-256 of the key itself. Keys are never
-/// stored in clear, so a leaked configuration does not leak them.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct ApiKeyEntry {
-    pub tenant: String,
-    /// `sha256sum` of the key, 64 hex digits.
-    pub key_sha256: Secret,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    /// API keys given in configuration.
-    pub keys: Vec<ApiKeyEntry>,
-    /// A secret file with more keys, one `tenant:sha256hex` per line (`#` starts a comment);
-    /// e.g. a mounted Kubernetes Secret.
-    pub keys_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -294,21 +275,7 @@ impl Validate for Config {
                 problems.push(format!("{key} must be at least 1"));
             }
         }
-        for (index, entry) in self.auth.keys.iter().enumerate() {
-            if entry.tenant.trim().is_empty() {
-                problems.push(format!("auth.keys[{index}].tenant must not be empty"));
-            }
-            if crate::auth::parse_sha256(entry.key_sha256.expose()).is_none() {
-                problems.push(format!(
-                    "auth.keys[{index}].key_sha256 must be 64 hex digits (the SHA-256 of the key)"
-                ));
-            }
-        }
-        if let Some(path) = &self.auth.keys_file
-            && let Err(error) = crate::auth::read_keys_file(path)
-        {
-            problems.push(format!("auth.keys_file: {error}"));
-        }
+        self.auth.validate(problems);
         if redis::IntoConnectionInfo::into_connection_info(self.redis.url.expose()).is_err() {
             problems.push("redis.url is not a valid redis:// URL".into());
         }
@@ -339,6 +306,8 @@ impl ServiceConfig for Config {
 
 #[cfg(test)]
 mod tests {
+    use triage_runtime::auth::ApiKeyEntry;
+
     use super::*;
 
     #[test]

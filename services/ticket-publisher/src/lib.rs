@@ -13,7 +13,7 @@
 
 #![forbid(unsafe_code)]
 
-pub mod auth;
+pub use triage_runtime::auth;
 pub mod config;
 pub mod dispatch;
 pub mod error;

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use result_writer::{Config, config::ApiKeyEntry};
+use result_writer::{Config, auth::ApiKeyEntry};
 use sha2::{Digest, Sha256};
 use triage_proto::{
     ContentType,

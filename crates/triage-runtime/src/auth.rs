@@ -1,16 +1,59 @@
-//! API keys: each key maps to one tenant. Only SHA-256 digests are held, and a presented key is
-//! compared against every digest in constant time, so neither the configuration nor response
-//! timing reveals a key.
-//!
-//! The same rules as ticket-publisher's `auth` module (same configuration shape, same key file
-//! format); a candidate for `triage-runtime` once both services settle.
+//! API keys of the HTTP and gRPC APIs (ticket-publisher's ingress, result-writer's read API):
+//! each key maps to one tenant. Only SHA-256 digests are held, and a presented key is compared
+//! against every digest in constant time, so neither the configuration nor response timing
+//! reveals a key.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::{Deserialize, Serialize};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::AuthConfig;
+use crate::config::{Secret, Validate};
+
+/// One API key: the tenant it belongs to and the hex SHA-256 of the key itself. Keys are never
+/// stored in clear, so a leaked configuration does not leak them.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyEntry {
+    pub tenant: String,
+    /// `sha256sum` of the key, 64 hex digits.
+    pub key_sha256: Secret,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// API keys given in configuration.
+    pub keys: Vec<ApiKeyEntry>,
+    /// A secret file with more keys, one `tenant:sha256hex` per line (`#` starts a comment);
+    /// e.g. a mounted Kubernetes Secret.
+    pub keys_file: Option<PathBuf>,
+}
+
+impl Validate for AuthConfig {
+    fn validate(&self, problems: &mut Vec<String>) {
+        for (index, entry) in self.keys.iter().enumerate() {
+            if entry.tenant.trim().is_empty() {
+                problems.push(format!("auth.keys[{index}].tenant must not be empty"));
+            }
+            if parse_sha256(entry.key_sha256.expose()).is_none() {
+                problems.push(format!(
+                    "auth.keys[{index}].key_sha256 must be 64 hex digits (the SHA-256 of the key)"
+                ));
+            }
+        }
+        if let Some(path) = &self.keys_file
+            && let Err(error) = read_keys_file(path)
+        {
+            problems.push(format!("auth.keys_file: {error}"));
+        }
+    }
+}
 
 /// Why the key file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +198,7 @@ mod tests {
 
     #[test]
     fn keys_file_lines_are_tenant_and_digest() {
-        let dir = std::env::temp_dir().join(format!("rw-keys-{}", uuid::Uuid::new_v4()));
+        let dir = std::env::temp_dir().join(format!("triage-keys-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("keys");
         let digest = hex::encode(sha256(b"secret-1"));
