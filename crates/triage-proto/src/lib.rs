@@ -171,6 +171,28 @@ impl v1::ErrorClass {
     }
 }
 
+/// The categories a triage chooses from unless the dispatch stage is configured otherwise.
+pub const DEFAULT_CATEGORIES: [&str; 6] = [
+    "billing",
+    "outage",
+    "login",
+    "bug",
+    "feature_request",
+    "other",
+];
+/// The priorities a triage chooses from unless the dispatch stage is configured otherwise.
+pub const DEFAULT_PRIORITIES: [&str; 4] = ["urgent", "high", "normal", "low"];
+
+impl v1::Taxonomy {
+    /// [`DEFAULT_CATEGORIES`] and [`DEFAULT_PRIORITIES`].
+    pub fn pipeline_default() -> Self {
+        v1::Taxonomy {
+            categories: DEFAULT_CATEGORIES.map(String::from).to_vec(),
+            priorities: DEFAULT_PRIORITIES.map(String::from).to_vec(),
+        }
+    }
+}
+
 /// The key that makes sure nobody pays twice for the same inference: the same ticket, prompt
 /// version and model always give the same key, whichever replica or replay computes it. Fields
 /// are separated by a byte that cannot occur in any of them (ASCII unit separator) so that

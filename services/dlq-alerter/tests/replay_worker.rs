@@ -22,21 +22,7 @@ fn triage_task(ticket: &str, text: &str) -> InferenceTask {
     let mut task = task(ticket, "acme", &format!("<ticket>\n{text}\n</ticket>"));
     task.model = MODEL.into();
     task.idempotency_key = triage_proto::idempotency_key(ticket, &task.prompt_version, MODEL);
-    task.taxonomy = Some(Taxonomy {
-        categories: [
-            "billing",
-            "outage",
-            "login",
-            "bug",
-            "feature_request",
-            "other",
-        ]
-        .map(String::from)
-        .to_vec(),
-        priorities: ["urgent", "high", "normal", "low"]
-            .map(String::from)
-            .to_vec(),
-    });
+    task.taxonomy = Some(Taxonomy::pipeline_default());
     task
 }
 

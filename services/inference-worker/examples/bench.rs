@@ -171,15 +171,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let overall = (total - 1) as f64 / (arrival[total - 1] - arrival[0]);
     let steady_from = total / 10;
     let steady = (total - 1 - steady_from) as f64 / (arrival[total - 1] - arrival[steady_from]);
-    let paid_duplicates: u64 = stats["paid_requests_by_key"]
-        .as_object()
-        .map(|keys| {
-            keys.values()
-                .filter_map(|v| v.as_u64())
-                .map(|n| n.saturating_sub(1))
-                .sum()
-        })
-        .unwrap_or(0);
+    let paid_duplicates = llm_sim::stats::paid_duplicates(&stats);
     let report = serde_json::json!({
         "tasks": args.tasks,
         "rpm_limit": args.rpm,
@@ -219,21 +211,7 @@ fn task(ticket_id: &str) -> InferenceTask {
                         .into(),
             },
         ],
-        taxonomy: Some(Taxonomy {
-            categories: [
-                "billing",
-                "outage",
-                "login",
-                "bug",
-                "feature_request",
-                "other",
-            ]
-            .map(String::from)
-            .to_vec(),
-            priorities: ["urgent", "high", "normal", "low"]
-                .map(String::from)
-                .to_vec(),
-        }),
+        taxonomy: Some(Taxonomy::pipeline_default()),
         idempotency_key: triage_proto::idempotency_key(ticket_id, "triage-v1", "gpt-4o-mini"),
         accepted_at: Some(triage_proto::timestamp(std::time::SystemTime::now())),
         ..Default::default()

@@ -216,19 +216,8 @@ impl Default for PromptConfig {
             model: "gpt-4o-mini".into(),
             system: DEFAULT_SYSTEM_PROMPT.into(),
             max_ticket_chars: 8_000,
-            categories: [
-                "billing",
-                "outage",
-                "login",
-                "bug",
-                "feature_request",
-                "other",
-            ]
-            .map(String::from)
-            .to_vec(),
-            priorities: ["urgent", "high", "normal", "low"]
-                .map(String::from)
-                .to_vec(),
+            categories: triage_proto::DEFAULT_CATEGORIES.map(String::from).to_vec(),
+            priorities: triage_proto::DEFAULT_PRIORITIES.map(String::from).to_vec(),
         }
     }
 }

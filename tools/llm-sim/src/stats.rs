@@ -145,3 +145,17 @@ impl Stats {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
+
+/// Inferences paid more than once, from a `GET /_sim/stats` answer: for every idempotency key
+/// answered 200 n times, n - 1.
+pub fn paid_duplicates(stats: &serde_json::Value) -> u64 {
+    stats["paid_requests_by_key"]
+        .as_object()
+        .map(|keys| {
+            keys.values()
+                .filter_map(serde_json::Value::as_u64)
+                .map(|paid| paid.saturating_sub(1))
+                .sum()
+        })
+        .unwrap_or(0)
+}

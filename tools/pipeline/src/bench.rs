@@ -86,15 +86,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Value> {
     let stats = pipeline.sim_stats().await?;
     let accepted_to_request = quantiles(&metrics, "triage_accepted_to_llm_request_seconds");
     let end_to_end = quantiles(&metrics, "triage_result_e2e_seconds");
-    let paid_duplicates: u64 = stats["paid_requests_by_key"]
-        .as_object()
-        .map(|keys| {
-            keys.values()
-                .filter_map(Value::as_u64)
-                .map(|n| n.saturating_sub(1))
-                .sum()
-        })
-        .unwrap_or(0);
+    let paid_duplicates = llm_sim::stats::paid_duplicates(&stats);
     let dead_letters = sum_samples(&metrics, "triage_worker_dead_letters_total");
     let triaged_rate =
         done.len() as f64 / (total_seconds - accepted.first().map_or(0.0, |(_, at)| *at));

@@ -197,15 +197,7 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
     }
     let dead_letters = dead_letter_tickets(&pipeline.names.dead_letters).await;
     let stats = pipeline.sim_stats().await?;
-    let paid_duplicates: u64 = stats["paid_requests_by_key"]
-        .as_object()
-        .map(|keys| {
-            keys.values()
-                .filter_map(|v| v.as_u64())
-                .map(|n| n.saturating_sub(1))
-                .sum()
-        })
-        .unwrap_or(0);
+    let paid_duplicates = llm_sim::stats::paid_duplicates(&stats);
     pipeline.stop().await?;
     Ok(ChaosReport {
         accepted: accepted.len(),

@@ -224,21 +224,7 @@ pub fn task(ticket_id: &str, text: &str) -> InferenceTask {
                 content: format!("<ticket>\n{text}\n</ticket>"),
             },
         ],
-        taxonomy: Some(Taxonomy {
-            categories: [
-                "billing",
-                "outage",
-                "login",
-                "bug",
-                "feature_request",
-                "other",
-            ]
-            .map(String::from)
-            .to_vec(),
-            priorities: ["urgent", "high", "normal", "low"]
-                .map(String::from)
-                .to_vec(),
-        }),
+        taxonomy: Some(Taxonomy::pipeline_default()),
         idempotency_key: triage_proto::idempotency_key(ticket_id, prompt_version, MODEL),
         accepted_at: Some(triage_proto::timestamp(std::time::SystemTime::now())),
         ..Default::default()
