@@ -67,16 +67,29 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Value> {
     let submit_seconds = started.elapsed().as_secs_f64();
     let accepted = accepted.lock().expect("accepted lock").clone();
 
-    // Wait until every accepted ticket is a row, sampling the triage times for the plot.
+    // Wait until every accepted ticket is a row. Times come from the rows (`triaged_at`), not
+    // from when this loop noticed them.
     let deadline = Instant::now() + Duration::from_secs(1800);
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64()
+        - started.elapsed().as_secs_f64();
     let mut done: BTreeMap<String, f64> = BTreeMap::new();
     while done.len() < accepted.len() {
         if Instant::now() > deadline {
             bail!("only {} of {} tickets triaged", done.len(), accepted.len());
         }
         for (ticket_id, _) in &accepted {
-            if !done.contains_key(ticket_id) && pipeline.triage(ticket_id).await?.is_some() {
-                done.insert(ticket_id.clone(), started.elapsed().as_secs_f64());
+            if done.contains_key(ticket_id) {
+                continue;
+            }
+            if let Some(triage) = pipeline.triage(ticket_id).await? {
+                let triaged_at = triage["triaged_at"]
+                    .as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.timestamp_micros() as f64 / 1e6 - started_unix)
+                    .unwrap_or_else(|| started.elapsed().as_secs_f64());
+                done.insert(ticket_id.clone(), triaged_at);
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -87,9 +100,12 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Value> {
     let accepted_to_request = quantiles(&metrics, "triage_accepted_to_llm_request_seconds");
     let end_to_end = quantiles(&metrics, "triage_result_e2e_seconds");
     let paid_duplicates = llm_sim::stats::paid_duplicates(&stats);
-    let dead_letters = sum_samples(&metrics, "triage_worker_dead_letters_total");
-    let triaged_rate =
-        done.len() as f64 / (total_seconds - accepted.first().map_or(0.0, |(_, at)| *at));
+    let dead_letters = sum_samples(&metrics, "triage_worker_dead_letters_total").round() as u64;
+    let mut triage_times: Vec<f64> = done.values().copied().collect();
+    triage_times.sort_by(f64::total_cmp);
+    let triage_span =
+        triage_times.last().copied().unwrap_or(0.0) - triage_times.first().copied().unwrap_or(0.0);
+    let triaged_rate = triage_times.len().saturating_sub(1) as f64 / triage_span.max(1e-9);
     let report = json!({
         "tickets": options.tickets,
         "rate": options.rate,
@@ -100,6 +116,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Value> {
         "end_to_end_p50_ms": end_to_end.0 * 1000.0,
         "end_to_end_p99_ms": end_to_end.1 * 1000.0,
         "llm_rpm_limit": options.rpm,
+        "triaged_per_s": triaged_rate,
         "throughput_share_of_limit": triaged_rate / (options.rpm as f64 / 60.0),
         "dead_letters": dead_letters,
         "paid_duplicates": paid_duplicates,
