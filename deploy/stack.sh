@@ -187,6 +187,15 @@ redis_kill() { pid_alive "$REDIS_PID" && kill -9 "$(cat "$REDIS_PID")" || true; 
 
 PG_DIR="$STACK_DIR/postgres"
 
+# As root, PostgreSQL runs as `postgres`, which must reach its data folder. A checkout under a
+# private folder (a home directory with mode 700) is out of its reach; the data then lives under
+# /var/tmp, in a folder named after the checkout so that two checkouts never share one.
+resolve_pg_dir() {
+  if [[ $(id -u) -eq 0 ]] && id postgres >/dev/null 2>&1 && ! runuser -u postgres -- test -x "$ROOT"; then
+    PG_DIR="/var/tmp/triage-stack-$(printf %s "$ROOT" | md5sum | cut -c1-8)/postgres"
+  fi
+}
+
 pg_bin() {
   local dir
   dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
@@ -201,6 +210,7 @@ as_pg() {
 pg_up() {
   if port_open "$POSTGRES_PORT"; then return; fi
   [[ -n $(pg_bin) ]] || apt_install postgresql
+  resolve_pg_dir
   local bin
   bin=$(pg_bin)
   mkdir -p "$PG_DIR"
@@ -225,12 +235,14 @@ pg_up() {
 }
 
 pg_down() {
+  resolve_pg_dir
   [[ -f "$PG_DIR/data/postmaster.pid" ]] || return 0
   log "stopping PostgreSQL"
   as_pg "$(pg_bin)/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null || true
 }
 
 pg_kill() {
+  resolve_pg_dir
   [[ -f "$PG_DIR/data/postmaster.pid" ]] || return 0
   as_pg "$(pg_bin)/pg_ctl" -D "$PG_DIR/data" -m immediate -w stop >/dev/null || true
 }
