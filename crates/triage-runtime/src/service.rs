@@ -123,27 +123,3 @@ pub async fn start_admin(
     let task = tokio::spawn(admin_http::serve(listener, router, shutdown));
     Ok(AdminServer { local_addr, task })
 }
-
-/// Serves the admin endpoints until `shutdown` fires, for a service whose stage has no work loop
-/// of its own yet.
-pub async fn serve_admin_until_shutdown(
-    service: &'static str,
-    admin: &AdminConfig,
-    kafka_config: &KafkaConfig,
-    metrics: MetricsHandle,
-    mut shutdown: Shutdown,
-) -> anyhow::Result<()> {
-    let server = start_admin(
-        service,
-        admin,
-        kafka_config,
-        metrics,
-        Vec::new(),
-        shutdown.clone(),
-    )
-    .await?;
-    tracing::info!(service, "started");
-    shutdown.wait().await;
-    server.task.await??;
-    Ok(())
-}
