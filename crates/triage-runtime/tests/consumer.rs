@@ -236,6 +236,7 @@ async fn a_full_window_and_a_closed_gate_pause_fetching() {
     let group = context.group("worker");
     let config = ConsumerConfig {
         max_in_flight: 4,
+        readahead: 3,
         ..ConsumerConfig::for_group(&group)
     };
     let consumer = start(&context, config, &probe, gate.clone(), DEADLINE);
@@ -248,22 +249,24 @@ async fn a_full_window_and_a_closed_gate_pause_fetching() {
     assert_eq!(
         probe.max_running.load(Ordering::SeqCst),
         4,
-        "never more than max_in_flight"
+        "never more than max_in_flight, even with records read ahead"
     );
 
-    // Close the gate, then free the window: nothing new may be fetched while it is closed.
+    // Close the gate, then free the window: what was read ahead still runs, nothing more may
+    // be fetched while the gate is closed.
     gate.close();
     probe.hold.lock().unwrap().clear();
     probe.release.notify_waiters();
     wait_until("the window drained", DEADLINE, || async {
-        (probe.handled_offsets().len() == 4).then_some(())
+        (probe.handled_offsets().len() >= 4 && probe.running.load(Ordering::SeqCst) == 0)
+            .then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        probe.handled_offsets().len(),
-        4,
-        "records were fetched through a closed gate"
+    let handled = probe.handled_offsets().len();
+    assert!(
+        handled <= 4 + 3,
+        "{handled} records handled: more than the window and the read-ahead were fetched through a closed gate"
     );
 
     gate.open();
@@ -275,12 +278,10 @@ async fn a_full_window_and_a_closed_gate_pause_fetching() {
     consumer.stop().await;
 }
 
-#[tokio::test]
-async fn shutdown_finishes_in_flight_work_and_commits_it() {
-    let context = TestContext::new("drain");
+/// `count` records on partition 0 of a new topic, each taking 400 ms to handle.
+async fn slow_records_on_one_partition(context: &TestContext, count: usize) -> Arc<Probe> {
     create_topics(&[&context.topics.inference_tasks], 1).await;
-    let topic = &context.topics.inference_tasks;
-    let batch = records(8, |i| format!("k{i}"));
+    let batch = records(count, |i| format!("k{i}"));
     let probe = Arc::new(Probe::default());
     for (_, value) in &batch {
         probe
@@ -289,7 +290,15 @@ async fn shutdown_finishes_in_flight_work_and_commits_it() {
             .unwrap()
             .insert(value.clone(), Duration::from_millis(400));
     }
-    produce(topic, Some(0), &batch).await;
+    produce(&context.topics.inference_tasks, Some(0), &batch).await;
+    probe
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_work_and_commits_it() {
+    let context = TestContext::new("drain");
+    let topic = &context.topics.inference_tasks;
+    let probe = slow_records_on_one_partition(&context, 8).await;
     let group = context.group("worker");
     let consumer = start(
         &context,
@@ -309,6 +318,33 @@ async fn shutdown_finishes_in_flight_work_and_commits_it() {
         "in-flight work finished before exit"
     );
     assert_eq!(committed_offset(&group, topic, 0), Some(8));
+}
+
+#[tokio::test]
+async fn shutdown_drops_what_was_read_ahead_uncommitted() {
+    let context = TestContext::new("drain-readahead");
+    let topic = &context.topics.inference_tasks;
+    let probe = slow_records_on_one_partition(&context, 6).await;
+    let group = context.group("worker");
+    let config = ConsumerConfig {
+        max_in_flight: 2,
+        readahead: 4,
+        ..ConsumerConfig::for_group(&group)
+    };
+    let consumer = start(&context, config, &probe, FetchGate::default(), DEADLINE);
+    wait_until("two running", DEADLINE, || async {
+        (probe.running.load(Ordering::SeqCst) == 2).then_some(())
+    })
+    .await;
+    consumer.stop().await;
+    let mut handled = probe.handled_offsets();
+    handled.sort_unstable();
+    assert_eq!(
+        handled,
+        vec![0, 1],
+        "only the running records finish; the read-ahead ones wait for the next owner"
+    );
+    assert_eq!(committed_offset(&group, topic, 0), Some(2));
 }
 
 #[tokio::test]

@@ -16,11 +16,13 @@
 //! record whose handler has not said it is durably done.
 //!
 //! # States of the consumer thread
-//! - consuming: poll; pause every assigned partition when `max_in_flight` records are in
-//!   flight (resume once a quarter of the window is free) or while the [`FetchGate`] is closed
-//!   (provider 429, open circuit), resume when both clear.
-//! - draining (shutdown fired): all partitions paused; completions are still stored until
-//!   nothing is in flight or `drain_timeout` passed.
+//! - consuming: poll; pause every assigned partition when `max_in_flight + readahead` records
+//!   are unfinished (resume once a quarter of that is free) or while the [`FetchGate`] is closed
+//!   (provider 429, open circuit), resume when both clear. The dispatcher runs at most
+//!   `max_in_flight` handlers; the read-ahead waits for a slot.
+//! - draining (shutdown fired): all partitions paused; read-ahead records are dropped
+//!   uncommitted, running ones finish and are stored until none is left or `drain_timeout`
+//!   passed.
 //! - done: a final synchronous commit, then the consumer is closed, which leaves the group.
 //!   Records still unfinished are not committed and will be consumed again.
 
@@ -64,9 +66,13 @@ use crate::{
 pub struct ConsumerConfig {
     /// The consumer group; replicas of one service share it.
     pub group_id: String,
-    /// Records handed to handlers and not yet finished, over all partitions. Bounds memory
-    /// whatever the backlog; fetching pauses while it is reached.
+    /// Records being handled at once, over all partitions.
     pub max_in_flight: usize,
+    /// Records fetched ahead of the handlers, waiting for a free slot. Fetching pauses when
+    /// `max_in_flight + readahead` records are unfinished, which bounds memory whatever the
+    /// backlog. The read-ahead keeps the handlers busy while fetching resumes: librdkafka
+    /// only notices a resume at its broker thread's next wake-up, up to a second later.
+    pub readahead: usize,
     /// How often stored offsets are committed.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
@@ -92,6 +98,7 @@ impl Default for ConsumerConfig {
         ConsumerConfig {
             group_id: String::new(),
             max_in_flight: 64,
+            readahead: 64,
             commit_interval: Duration::from_secs(1),
             group_instance_id: None,
             session_timeout: Duration::from_secs(10),
@@ -350,6 +357,7 @@ pub async fn run<H: RecordHandler>(
 ) -> Result<(), ConsumerError> {
     let group = run.config.group_id.clone();
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let dispatcher_tracker = Arc::clone(&tracker);
     let paused = Arc::new(AtomicBool::new(false));
     let context = RuntimeContext {
         group: group.clone(),
@@ -392,17 +400,19 @@ pub async fn run<H: RecordHandler>(
         })?;
     tracing::info!(group = %group, topics = ?run.topics, max_in_flight = run.config.max_in_flight, "consumer started");
 
-    let (fetched_tx, fetched_rx) = mpsc::channel(run.config.max_in_flight.max(1));
+    let (fetched_tx, fetched_rx) =
+        mpsc::channel((run.config.max_in_flight + run.config.readahead).max(1));
     let (report_tx, report_rx) = std_mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
     let (thread_done_tx, thread_done_rx) = tokio::sync::oneshot::channel();
+    let draining = Arc::clone(&stop);
     let poll_loop = PollLoop {
         consumer,
         group: group.clone(),
         tracker,
         paused,
         gate: run.gate,
-        max_in_flight: run.config.max_in_flight,
+        max_unfinished: run.config.max_in_flight + run.config.readahead,
         drain_timeout: run.drain_timeout,
         stop: Arc::clone(&stop),
         metrics: run.metrics.clone(),
@@ -422,7 +432,11 @@ pub async fn run<H: RecordHandler>(
     let dispatcher = Dispatcher {
         handler,
         running: JoinSet::new(),
+        max_running: run.config.max_in_flight.max(1),
+        ready: VecDeque::new(),
         waiting: HashMap::new(),
+        tracker: dispatcher_tracker,
+        draining,
         report_tx,
         metrics: run.metrics,
         group: group.clone(),
@@ -444,7 +458,9 @@ struct PollLoop {
     tracker: Arc<Mutex<OffsetTracker>>,
     paused: Arc<AtomicBool>,
     gate: FetchGate,
-    max_in_flight: usize,
+    /// Records fetched and not finished (running, ready or waiting for their key) at which
+    /// fetching pauses.
+    max_unfinished: usize,
     drain_timeout: Duration,
     stop: Arc<AtomicBool>,
     metrics: ConsumerMetrics,
@@ -488,7 +504,7 @@ impl PollLoop {
                 let window_full = if self.paused.load(Ordering::Relaxed) {
                     in_flight > self.resume_below()
                 } else {
-                    in_flight >= self.max_in_flight
+                    in_flight >= self.max_unfinished
                 };
                 let reason = if window_full {
                     Some("window_full")
@@ -543,9 +559,9 @@ impl PollLoop {
         // Dropping the consumer closes it: it leaves the group so partitions move at once.
     }
 
-    /// While paused for a full window, fetching resumes at or below this many in flight.
+    /// While paused for a full window, fetching resumes at or below this many unfinished.
     fn resume_below(&self) -> usize {
-        (self.max_in_flight * 3 / 4).min(self.max_in_flight.saturating_sub(1))
+        (self.max_unfinished * 3 / 4).min(self.max_unfinished.saturating_sub(1))
     }
 
     /// Applies every queued report; returns how many records left the in-flight window.
@@ -623,9 +639,15 @@ type Finished = (Option<Vec<u8>>, InFlight, Disposition);
 struct Dispatcher<H: RecordHandler> {
     handler: Arc<H>,
     running: JoinSet<Finished>,
-    /// Items waiting behind a running item with the same ordering key. A key present here (even
-    /// with an empty queue) is running.
+    max_running: usize,
+    /// Items free to run (first of their key, or without one), waiting for a running slot.
+    ready: VecDeque<(Option<Vec<u8>>, H::Item, InFlight)>,
+    /// Items waiting behind a running or ready item with the same ordering key. A key present
+    /// here (even with an empty queue) is running or ready.
     waiting: HashMap<Vec<u8>, VecDeque<(H::Item, InFlight)>>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    /// Set at shutdown: nothing new starts.
+    draining: Arc<AtomicBool>,
     report_tx: std_mpsc::Sender<Report>,
     metrics: ConsumerMetrics,
     group: String,
@@ -660,7 +682,31 @@ impl<H: RecordHandler> Dispatcher<H> {
             }
             self.waiting.insert(key.clone(), VecDeque::new());
         }
-        self.spawn(key, item, record);
+        self.ready.push_back((key, item, record));
+        self.fill();
+    }
+
+    /// Starts ready items while running slots are free. An item whose partition was revoked
+    /// before it started, or any item once shutdown began, is dropped uncommitted: it will be
+    /// read again.
+    fn fill(&mut self) {
+        while self.running.len() < self.max_running {
+            let Some((key, item, record)) = self.ready.pop_front() else {
+                return;
+            };
+            if !self.draining.load(Ordering::Relaxed)
+                && self
+                    .tracker
+                    .lock()
+                    .expect("tracker lock")
+                    .is_current(&record)
+            {
+                self.spawn(key, item, record);
+            } else {
+                self.report(Disposition::Abandon, record);
+                self.next_of_key(key);
+            }
+        }
     }
 
     fn spawn(&mut self, key: Option<Vec<u8>>, item: H::Item, record: InFlight) {
@@ -679,6 +725,12 @@ impl<H: RecordHandler> Dispatcher<H> {
     }
 
     fn finish(&mut self, key: Option<Vec<u8>>, record: InFlight, disposition: Disposition) {
+        self.report(disposition, record);
+        self.next_of_key(key);
+        self.fill();
+    }
+
+    fn report(&self, disposition: Disposition, record: InFlight) {
         let report = match disposition {
             Disposition::Done => Report::Finished(record),
             Disposition::Abandon => {
@@ -692,10 +744,14 @@ impl<H: RecordHandler> Dispatcher<H> {
             }
         };
         let _ = self.report_tx.send(report);
+    }
+
+    /// The item of `key` that finished (or was dropped) lets the next one of that key run.
+    fn next_of_key(&mut self, key: Option<Vec<u8>>) {
         let Some(key) = key else { return };
         let next = self.waiting.get_mut(&key).and_then(VecDeque::pop_front);
         match next {
-            Some((item, record)) => self.spawn(Some(key), item, record),
+            Some((item, record)) => self.ready.push_back((Some(key), item, record)),
             None => {
                 self.waiting.remove(&key);
             }

@@ -133,6 +133,13 @@ impl OffsetTracker {
         offsets.finish(record.offset)
     }
 
+    /// Whether the record's partition is still assigned in the generation it was read in.
+    pub fn is_current(&self, record: &InFlight) -> bool {
+        self.partitions
+            .get(&(record.topic.clone(), record.partition))
+            .is_some_and(|(generation, _)| *generation == record.generation)
+    }
+
     /// Records handed out and not finished, over all partitions.
     pub fn pending(&self) -> usize {
         self.partitions
