@@ -21,3 +21,10 @@ pub mod metrics;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+
+/// Every service allocates per record (decoded messages, headers, HTTP bodies, spans), and
+/// glibc's allocator was a fifth of the worker's CPU in its profile; mimalloc is cheaper for that
+/// many small, short-lived allocations across threads. Declared here, once, so every binary
+/// linking the runtime uses it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -38,8 +38,9 @@ struct Args {
     burst_ms: u64,
     #[arg(long, default_value = "release")]
     profile: String,
-    /// The worker's log filter (its log goes to target/test-logs/).
-    #[arg(long, default_value = "warn")]
+    /// The worker's log filter (its log goes to target/test-logs/). The service's default,
+    /// `info`, also enables the spans every task carries.
+    #[arg(long, default_value = "info")]
     log_level: String,
 }
 

@@ -13,7 +13,10 @@
 //!
 //! The only way to pay twice is a worker dying between a paid answer and caching it.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, Instant, SystemTime},
+};
 
 use backon::BackoffBuilder;
 use opentelemetry::trace::TraceContextExt;
@@ -30,7 +33,7 @@ use triage_runtime::{
         consumer::{Disposition, FetchGate, RecordHandler},
         dead_letter::{self, Failure},
         headers,
-        producer::ContractProducer,
+        producer::{ContractProducer, RetryDelays},
     },
     shutdown::Shutdown,
 };
@@ -41,7 +44,7 @@ use crate::{
     config::{Config, RedisUnavailable},
     llm::{ChatRequest, Completion, FailureAction, LlmClient},
     metrics::{CallLabels, ClassLabels, ReasonLabels, TokenLabels, UsageLabels, WorkerMetrics},
-    redis_store::{BudgetRequest, RedisStore, StoreError},
+    redis_store::{self, BudgetRequest, RedisStore, StoreError},
     triage::{self, Triage},
 };
 
@@ -70,8 +73,10 @@ pub struct WorkerHandler {
     pub shutdown: Shutdown,
     /// Owner value of the leases this process takes.
     pub worker_id: String,
-    /// Where tasks of this process wait their turn for rate-limit budget.
+    /// Where tasks of this process wait their turn for rate-limit budget while it is short.
     pub budget_queue: tokio::sync::Mutex<()>,
+    /// Set while the shared budget is exhausted: tasks then queue instead of each asking Redis.
+    pub budget_short: std::sync::atomic::AtomicBool,
 }
 
 /// How a task ended before producing.
@@ -167,44 +172,36 @@ impl WorkerHandler {
         let key = task.idempotency_key.clone();
         let trace = tracing::Span::current().context();
 
-        // 2. A paid answer already exists: reuse it.
-        let protected = match self.cached(&key).await {
-            Ok(Some(cached)) => {
+        // 2 and 3. A paid answer already exists: reuse it. Else take the lease, or wait for
+        // whoever holds it.
+        let claim = match self.claim_or_wait(&key).await {
+            ClaimOutcome::Cached(result) => {
                 self.metrics.cache_hits.inc();
                 tracing::debug!(key = %key, "result cache hit");
                 return self
-                    .produce_result(&task, cached, Provenance::Cache, &trace)
+                    .produce_result(&task, *result, Provenance::Cache, &trace)
                     .await;
             }
-            Ok(None) => true,
-            Err(Interrupted) => return Disposition::Abandon,
-        };
-
-        // 3. Lease, or wait for whoever holds it.
-        let leased = if protected {
-            match self.lease_or_wait(&key).await {
-                LeaseOutcome::Leased => true,
-                LeaseOutcome::Unprotected => false,
-                LeaseOutcome::ResultAppeared(result) => {
-                    self.metrics.duplicates_avoided.inc();
-                    return self
-                        .produce_result(&task, *result, Provenance::Cache, &trace)
-                        .await;
-                }
-                LeaseOutcome::Interrupted => return Disposition::Abandon,
+            ClaimOutcome::ResultAppeared(result) => {
+                self.metrics.duplicates_avoided.inc();
+                return self
+                    .produce_result(&task, *result, Provenance::Cache, &trace)
+                    .await;
             }
-        } else {
-            false
+            ClaimOutcome::Interrupted => return Disposition::Abandon,
+            ClaimOutcome::Call(claim) => claim,
         };
+        let leased = claim == Claim::Leased;
+        let protected = claim != Claim::Unprotected;
 
         // 4. Call, keeping the lease alive meanwhile.
         let renewal = leased.then(|| self.spawn_lease_renewal(&key));
-        let outcome = self.call_with_retries(&task, &model, leased).await;
+        let outcome = self.call_with_retries(&task, &model, protected).await;
         if let Some(renewal) = renewal {
             renewal.abort();
         }
 
-        let disposition = match outcome {
+        match outcome {
             Outcome::Answered {
                 triage,
                 completion,
@@ -212,42 +209,44 @@ impl WorkerHandler {
                 llm_latency,
             } => {
                 let result = self.build_result(&task, triage, &completion, attempts, llm_latency);
-                // 5. Cache before producing: a crash after this point costs nothing to redo.
-                if leased && self.store_result(&key, &result).await.is_err() {
+                // 5. Cache (releasing the lease) before producing: a crash after this point
+                // costs nothing to redo.
+                if protected && self.store_result(&key, &result).await.is_err() {
                     return Disposition::Abandon;
                 }
                 self.produce_result(&task, result, Provenance::Paid, &trace)
                     .await
             }
             Outcome::Failed(failure) => {
+                self.release_lease(&key, leased).await;
                 let failure = failure.for_ticket(&task.ticket_id, &task.tenant_id);
                 self.dead_letter(&record, failure, &trace).await
             }
-            Outcome::Interrupted => Disposition::Abandon,
-        };
-        if leased && let Err(error) = self.store.release_lease(&key, &self.worker_id).await {
-            tracing::debug!(error = %error, "failed to release lease; it expires by itself");
+            Outcome::Interrupted => {
+                self.release_lease(&key, leased).await;
+                Disposition::Abandon
+            }
         }
-        disposition
     }
 
-    async fn cached(&self, key: &str) -> Result<Option<InferenceResult>, Interrupted> {
-        let bytes = self
-            .with_redis(|| self.store.cached_result(key))
-            .await?
-            .flatten();
-        Ok(bytes.and_then(|bytes| {
-            match triage_proto::decode::<InferenceResult>(
-                &bytes,
-                Some(triage_proto::ContentType::PROTOBUF_MIME),
-            ) {
-                Ok(result) => Some(result),
-                Err(error) => {
-                    tracing::warn!(key, error = %error, "ignoring an undecodable cached result");
-                    None
-                }
+    /// Lets the next consumer of this key call at once instead of waiting out the lease.
+    async fn release_lease(&self, key: &str, leased: bool) {
+        if leased && let Err(error) = self.store.release_lease(key, &self.worker_id).await {
+            tracing::debug!(error = %error, "failed to release lease; it expires by itself");
+        }
+    }
+
+    fn decode_cached(key: &str, bytes: &[u8]) -> Option<InferenceResult> {
+        match triage_proto::decode::<InferenceResult>(
+            bytes,
+            Some(triage_proto::ContentType::PROTOBUF_MIME),
+        ) {
+            Ok(result) => Some(result),
+            Err(error) => {
+                tracing::warn!(key, error = %error, "ignoring an undecodable cached result");
+                None
             }
-        }))
+        }
     }
 
     /// Runs a Redis operation under the configured policy. `Ok(None)`: Redis is down and the
@@ -276,39 +275,39 @@ impl WorkerHandler {
         }
     }
 
-    async fn lease_or_wait(&self, key: &str) -> LeaseOutcome {
+    /// One round trip in the common case (no cached result, nobody else calling): the cache
+    /// read and the lease are a single Redis script.
+    async fn claim_or_wait(&self, key: &str) -> ClaimOutcome {
         let lease_ttl = self.config.cache.lease_ttl;
+        let mut waited = false;
         loop {
-            let taken = match self
-                .with_redis(|| self.store.try_lease(key, &self.worker_id, lease_ttl))
+            let claim = match self
+                .with_redis(|| self.store.claim(key, &self.worker_id, lease_ttl))
                 .await
             {
-                Ok(Some(taken)) => taken,
-                Ok(None) => return LeaseOutcome::Unprotected,
-                Err(Interrupted) => return LeaseOutcome::Interrupted,
+                Ok(Some(claim)) => claim,
+                Ok(None) => return ClaimOutcome::Call(Claim::Unprotected),
+                Err(Interrupted) => return ClaimOutcome::Interrupted,
             };
-            if taken {
-                // The holder may have finished between our cache read and our lease.
-                return match self.cached(key).await {
-                    Ok(Some(result)) => {
-                        let _ = self.store.release_lease(key, &self.worker_id).await;
-                        LeaseOutcome::ResultAppeared(Box::new(result))
-                    }
-                    Ok(None) => LeaseOutcome::Leased,
-                    Err(Interrupted) => LeaseOutcome::Interrupted,
-                };
+            match claim {
+                redis_store::Claim::Cached(bytes) => {
+                    return match Self::decode_cached(key, &bytes) {
+                        Some(result) if waited => ClaimOutcome::ResultAppeared(Box::new(result)),
+                        Some(result) => ClaimOutcome::Cached(Box::new(result)),
+                        // Overwritten by this task's answer.
+                        None => ClaimOutcome::Call(Claim::Unleased),
+                    };
+                }
+                redis_store::Claim::Leased => return ClaimOutcome::Call(Claim::Leased),
+                redis_store::Claim::HeldElsewhere => {}
             }
             tracing::debug!(
                 key,
                 "another worker holds the lease; waiting for its result"
             );
+            waited = true;
             if !self.sleep(Duration::from_millis(200)).await {
-                return LeaseOutcome::Interrupted;
-            }
-            match self.cached(key).await {
-                Ok(Some(result)) => return LeaseOutcome::ResultAppeared(Box::new(result)),
-                Ok(None) => {}
-                Err(Interrupted) => return LeaseOutcome::Interrupted,
+                return ClaimOutcome::Interrupted;
             }
         }
     }
@@ -416,7 +415,7 @@ impl WorkerHandler {
                 .complete(ChatRequest {
                     model,
                     messages: &messages,
-                    response_format: response_format.clone(),
+                    response_format: &response_format,
                     idempotency_key: &task.idempotency_key,
                 })
                 .instrument(call_span.clone())
@@ -553,11 +552,16 @@ impl WorkerHandler {
         })
     }
 
-    /// Waits for shared rate-limit budget; fetching pauses while there is none. Tasks of this
-    /// process queue here in arrival order, so only one of them at a time asks Redis: the
-    /// budget is shared across replicas without every waiting task polling Redis.
+    /// Waits for shared rate-limit budget; fetching pauses while there is none. While budget is
+    /// plentiful every task takes its share at once; once it runs short, tasks of this process
+    /// queue here in arrival order, so only one of them at a time asks Redis: the budget is
+    /// shared across replicas without every waiting task polling Redis.
     async fn take_budget(&self, model: &str, tokens: u64) -> Result<(), Interrupted> {
-        let _turn = self.budget_queue.lock().await;
+        let mut turn = if self.budget_short.load(Ordering::Relaxed) {
+            Some(self.budget_queue.lock().await)
+        } else {
+            None
+        };
         let limits = &self.config.rate_limit;
         let per_ms = |per_minute: u32| f64::from(per_minute) * limits.target_utilisation / 60_000.0;
         let burst_ms = limits.burst.as_secs_f64() * 1000.0;
@@ -575,8 +579,15 @@ impl WorkerHandler {
             {
                 Some(Some(wait)) => wait,
                 // Taken, or Redis is down and the policy is to proceed.
-                Some(None) | None => return Ok(()),
+                Some(None) | None => {
+                    self.budget_short.store(false, Ordering::Relaxed);
+                    return Ok(());
+                }
             };
+            self.budget_short.store(true, Ordering::Relaxed);
+            if turn.is_none() {
+                turn = Some(self.budget_queue.lock().await);
+            }
             // Short waits are the steady state at the limit, and the in-flight window already
             // holds fetching back; only a long block (a shared 429) stops fetching.
             if wait >= LONG_WAIT {
@@ -696,10 +707,11 @@ impl WorkerHandler {
         }
     }
 
+    /// Caches the paid result and releases our lease on its key.
     async fn store_result(&self, key: &str, result: &InferenceResult) -> Result<(), Interrupted> {
         let bytes = triage_proto::encode(result, triage_proto::ContentType::Protobuf);
         let ttl = self.config.cache.result_ttl;
-        self.with_redis(|| self.store.store_result(key, &bytes, ttl))
+        self.with_redis(|| self.store.finish(key, &self.worker_id, &bytes, ttl))
             .await
             .map(|_| ())
     }
@@ -717,16 +729,24 @@ impl WorkerHandler {
             result.from_cache = true;
             result.task_id = task.task_id.clone();
         }
-        let topic = &self.config.topics.results;
-        let disposition = self
-            .produce_until_acknowledged("result", || {
-                self.producer.send(topic, &task.ticket_id, &result, trace)
-            })
+        let sent = self
+            .producer
+            .send_until_acknowledged(
+                &self.config.topics.results,
+                &task.ticket_id,
+                &result,
+                trace,
+                PRODUCE_RETRY,
+                &self.shutdown,
+            )
             .await;
-        if disposition == Disposition::Done {
-            self.metrics.results.inc();
+        match sent {
+            Some(_) => {
+                self.metrics.results.inc();
+                Disposition::Done
+            }
+            None => Disposition::Abandon,
         }
-        disposition
     }
 
     async fn dead_letter(
@@ -745,50 +765,27 @@ impl WorkerHandler {
         } else {
             headers::extract_trace_context(record.headers())
         };
-        let disposition = self
-            .produce_until_acknowledged("dead letter", || {
-                self.producer.send(topic, &key, &envelope, &trace)
-            })
+        let sent = self
+            .producer
+            .send_until_acknowledged(
+                topic,
+                &key,
+                &envelope,
+                &trace,
+                PRODUCE_RETRY,
+                &self.shutdown,
+            )
             .await;
-        if disposition == Disposition::Done {
-            self.metrics
-                .dead_letters
-                .get_or_create(&ClassLabels {
-                    class: class.label(),
-                })
-                .inc();
+        if sent.is_none() {
+            return Disposition::Abandon;
         }
-        disposition
-    }
-
-    async fn produce_until_acknowledged<F, Fut>(&self, what: &'static str, send: F) -> Disposition
-    where
-        F: Fn() -> Fut,
-        Fut: Future<
-            Output = Result<
-                triage_runtime::kafka::producer::Delivered,
-                triage_runtime::kafka::producer::ProduceError,
-            >,
-        >,
-    {
-        let mut backoff = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times()
-            .build();
-        loop {
-            match send().await {
-                Ok(_) => return Disposition::Done,
-                Err(error) => {
-                    tracing::warn!(what, error = %error, "produce failed; retrying");
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                    if !self.sleep(delay).await {
-                        return Disposition::Abandon;
-                    }
-                }
-            }
-        }
+        self.metrics
+            .dead_letters
+            .get_or_create(&ClassLabels {
+                class: class.label(),
+            })
+            .inc();
+        Disposition::Done
     }
 
     /// Sleeps unless shutdown comes first; false when it did.
@@ -800,6 +797,12 @@ impl WorkerHandler {
         }
     }
 }
+
+/// Between attempts to produce a result or dead letter the broker did not acknowledge.
+const PRODUCE_RETRY: RetryDelays = RetryDelays {
+    min: Duration::from_millis(100),
+    max: Duration::from_secs(5),
+};
 
 /// A rate-limit wait at least this long closes the fetch gate.
 const LONG_WAIT: Duration = Duration::from_secs(1);
@@ -814,10 +817,22 @@ enum Provenance {
 /// Shutdown interrupted a wait.
 struct Interrupted;
 
-enum LeaseOutcome {
+/// How a task may call the LLM.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// With the lease: nobody else calls for this key meanwhile.
     Leased,
-    /// Redis is down and the policy is to proceed without a lease.
+    /// Without the lease (the cached result did not decode); the answer replaces it.
+    Unleased,
+    /// Redis is down and the policy is to proceed: no cache, no lease, no shared limit.
     Unprotected,
+}
+
+enum ClaimOutcome {
+    Call(Claim),
+    /// A result was cached before this task started.
+    Cached(Box<InferenceResult>),
+    /// Another worker held the lease and its result appeared while this task waited.
     ResultAppeared(Box<InferenceResult>),
     Interrupted,
 }

@@ -87,6 +87,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         worker_id,
         budget_queue: tokio::sync::Mutex::new(()),
+        budget_short: std::sync::atomic::AtomicBool::new(false),
         config: config.clone(),
     });
     tracing::info!(

@@ -5,10 +5,9 @@ use std::time::Duration;
 
 use reqwest::{StatusCode, header::HeaderMap};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use triage_proto::v1::{ChatMessage, ErrorClass};
 
-use crate::config::LlmConfig;
+use crate::{config::LlmConfig, triage::ResponseFormat};
 
 /// Response header by which llm-sim says it is a simulator.
 pub const SIMULATOR_HEADER: &str = "x-llm-simulator";
@@ -224,8 +223,18 @@ pub struct Completion {
 pub struct ChatRequest<'a> {
     pub model: &'a str,
     pub messages: &'a [ChatMessage],
-    pub response_format: serde_json::Value,
+    pub response_format: &'a ResponseFormat<'a>,
     pub idempotency_key: &'a str,
+}
+
+/// The request body, serialized straight from borrowed task data.
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    model: &'a str,
+    messages: Vec<WireMessage<'a>>,
+    max_tokens: u32,
+    temperature: f32,
+    response_format: &'a ResponseFormat<'a>,
 }
 
 #[derive(Serialize)]
@@ -339,13 +348,13 @@ impl LlmClient {
                 content: &m.content,
             })
             .collect();
-        let body = json!({
-            "model": request.model,
-            "messages": messages,
-            "max_tokens": self.config.max_tokens,
-            "temperature": self.config.temperature,
-            "response_format": request.response_format,
-        });
+        let body = WireRequest {
+            model: request.model,
+            messages,
+            max_tokens: self.config.max_tokens,
+            temperature: self.config.temperature,
+            response_format: request.response_format,
+        };
         let mut builder = self
             .http
             .post(&self.url)

@@ -1,9 +1,9 @@
 //! Everything the worker keeps in Redis: the result cache, in-flight leases, and the shared
 //! rate-limit buckets. Shared by every replica, so that they behave as one client.
 
-use std::time::Duration;
+use std::{sync::LazyLock, time::Duration};
 
-use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use redis::{Script, aio::ConnectionManager};
 
 /// Why Redis could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -27,19 +27,64 @@ pub struct RedisStore {
     prefix: String,
 }
 
-const RELEASE_LEASE: &str = r"
+/// The scripts are hashed once: `EVALSHA` sends 40 bytes instead of the script, and hashing
+/// per call showed up in the worker's profile.
+static RELEASE_LEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0";
+return 0",
+    )
+});
 
-const RENEW_LEASE: &str = r"
+static RENEW_LEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0";
+return 0",
+    )
+});
+
+/// Cache read and lease in one round trip: the cached result if there is one, else whether the
+/// lease (KEYS[2]) was taken. Atomic, so no result can appear between the read and the lease.
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local cached = redis.call('GET', KEYS[1])
+if cached then return {1, cached} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, false} end
+return {0, false}",
+    )
+});
+
+/// Stores the result (KEYS[1]) and releases our lease (KEYS[2]) in one round trip.
+static FINISH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return 1",
+    )
+});
+
+/// What [`RedisStore::claim`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// A result is cached for the key: reuse it.
+    Cached(Vec<u8>),
+    /// Nobody had the key; the lease is ours.
+    Leased,
+    /// Another worker holds the lease.
+    HeldElsewhere,
+}
 
 /// Two token buckets (requests, tokens) refilled continuously, plus a shared `blocked_until` set
 /// from 429s and exhausted-budget headers. Time is Redis' own clock, so replicas with skewed
 /// clocks still share one budget. Returns 0 when both budgets were taken, else how many
 /// milliseconds to wait before asking again.
-const TAKE_BUDGET: &str = r"
+static TAKE_BUDGET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local blocked = tonumber(redis.call('HGET', KEYS[1], 'blocked_until') or '0')
@@ -68,17 +113,23 @@ if wait > 0 then return wait end
 if req_rate > 0 then redis.call('HSET', KEYS[1], 'req', req - req_cost, 'req_at', now) end
 if tok_rate > 0 then redis.call('HSET', KEYS[1], 'tok', tok - tok_cost, 'tok_at', now) end
 redis.call('PEXPIRE', KEYS[1], 600000)
-return 0";
+return 0",
+    )
+});
 
 /// Moves `blocked_until` to now + ARGV[1] ms unless it is already later.
-const BLOCK_BUDGET: &str = r"
+static BLOCK_BUDGET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local until_ms = now + tonumber(ARGV[1])
 local blocked = tonumber(redis.call('HGET', KEYS[1], 'blocked_until') or '0')
 if until_ms > blocked then redis.call('HSET', KEYS[1], 'blocked_until', until_ms) end
 redis.call('PEXPIRE', KEYS[1], 600000)
-return 0";
+return 0",
+    )
+});
 
 /// The two budgets of one call, as rates per millisecond and bucket capacities.
 #[derive(Clone, Copy, Debug)]
@@ -116,45 +167,47 @@ impl RedisStore {
         Ok(())
     }
 
-    /// The cached result bytes for an idempotency key.
-    pub async fn cached_result(
+    /// Reads the cached result for a key or, when there is none, takes its in-flight lease if
+    /// nobody holds it.
+    pub async fn claim(
         &self,
         idempotency_key: &str,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
+        owner: &str,
+        lease_ttl: Duration,
+    ) -> Result<Claim, StoreError> {
         let mut connection = self.connection.clone();
-        Ok(connection.get(self.key("result", idempotency_key)).await?)
+        let (found, cached): (i64, Option<Vec<u8>>) = CLAIM
+            .key(self.key("result", idempotency_key))
+            .key(self.key("lease", idempotency_key))
+            .arg(owner)
+            .arg(lease_ttl.as_millis() as u64)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(match (found, cached) {
+            (1, Some(bytes)) => Claim::Cached(bytes),
+            (2, _) => Claim::Leased,
+            _ => Claim::HeldElsewhere,
+        })
     }
 
-    pub async fn store_result(
+    /// Caches a result and releases our lease on its key.
+    pub async fn finish(
         &self,
         idempotency_key: &str,
+        owner: &str,
         bytes: &[u8],
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
-        let options = redis::SetOptions::default()
-            .with_expiration(redis::SetExpiry::PX(ttl.as_millis() as u64));
-        connection
-            .set_options::<_, _, ()>(self.key("result", idempotency_key), bytes, options)
+        let _: i64 = FINISH
+            .key(self.key("result", idempotency_key))
+            .key(self.key("lease", idempotency_key))
+            .arg(bytes)
+            .arg(ttl.as_millis() as u64)
+            .arg(owner)
+            .invoke_async(&mut connection)
             .await?;
         Ok(())
-    }
-
-    /// Takes the in-flight lease for a key if nobody holds it.
-    pub async fn try_lease(
-        &self,
-        idempotency_key: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        let mut connection = self.connection.clone();
-        let options = redis::SetOptions::default()
-            .conditional_set(redis::ExistenceCheck::NX)
-            .with_expiration(redis::SetExpiry::PX(ttl.as_millis() as u64));
-        let taken: Option<String> = connection
-            .set_options(self.key("lease", idempotency_key), owner, options)
-            .await?;
-        Ok(taken.is_some())
     }
 
     /// Extends our lease; false when it expired and someone else may hold it now.
@@ -165,7 +218,7 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let mut connection = self.connection.clone();
-        let renewed: i64 = Script::new(RENEW_LEASE)
+        let renewed: i64 = RENEW_LEASE
             .key(self.key("lease", idempotency_key))
             .arg(owner)
             .arg(ttl.as_millis() as u64)
@@ -180,7 +233,7 @@ impl RedisStore {
         owner: &str,
     ) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
-        let _: i64 = Script::new(RELEASE_LEASE)
+        let _: i64 = RELEASE_LEASE
             .key(self.key("lease", idempotency_key))
             .arg(owner)
             .invoke_async(&mut connection)
@@ -196,7 +249,7 @@ impl RedisStore {
         request: BudgetRequest,
     ) -> Result<Option<Duration>, StoreError> {
         let mut connection = self.connection.clone();
-        let wait_ms: i64 = Script::new(TAKE_BUDGET)
+        let wait_ms: i64 = TAKE_BUDGET
             .key(self.key("ratelimit", bucket))
             .arg(request.requests_per_ms)
             .arg(request.request_capacity)
@@ -212,7 +265,7 @@ impl RedisStore {
     /// Stops every replica from calling for `duration` (a 429's Retry-After, an exhausted budget).
     pub async fn block_budget(&self, bucket: &str, duration: Duration) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
-        let _: i64 = Script::new(BLOCK_BUDGET)
+        let _: i64 = BLOCK_BUDGET
             .key(self.key("ratelimit", bucket))
             .arg(duration.as_millis() as u64)
             .invoke_async(&mut connection)

@@ -1,7 +1,6 @@
 //! The structured answer we ask the model for, and the check that it really is one.
 
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use triage_proto::v1::{ChatMessage, Taxonomy};
 
 /// A valid triage.
@@ -41,28 +40,94 @@ struct RawTriage {
 
 /// The `response_format` for the taxonomy: a strict JSON schema where the server supports it,
 /// else plain JSON mode (the schema is then enforced by [`validate`] alone).
-pub fn response_format(taxonomy: &Taxonomy, structured_output: bool) -> Value {
+pub fn response_format(taxonomy: &Taxonomy, structured_output: bool) -> ResponseFormat<'_> {
     if !structured_output {
-        return json!({ "type": "json_object" });
+        return ResponseFormat::JsonObject;
     }
-    json!({
-        "type": "json_schema",
-        "json_schema": {
-            "name": "ticket_triage",
-            "strict": true,
-            "schema": {
-                "type": "object",
-                "additionalProperties": false,
-                "required": ["category", "priority", "suggested_reply", "confidence"],
-                "properties": {
-                    "category": { "type": "string", "enum": taxonomy.categories },
-                    "priority": { "type": "string", "enum": taxonomy.priorities },
-                    "suggested_reply": { "type": "string" },
-                    "confidence": { "type": "number", "minimum": 0, "maximum": 1 }
-                }
-            }
-        }
-    })
+    ResponseFormat::JsonSchema {
+        json_schema: NamedSchema {
+            name: "ticket_triage",
+            strict: true,
+            schema: TriageSchema {
+                kind: "object",
+                additional_properties: false,
+                required: ["category", "priority", "suggested_reply", "confidence"],
+                properties: TriageProperties {
+                    category: StringSchema {
+                        kind: "string",
+                        allowed: Some(&taxonomy.categories),
+                    },
+                    priority: StringSchema {
+                        kind: "string",
+                        allowed: Some(&taxonomy.priorities),
+                    },
+                    suggested_reply: StringSchema {
+                        kind: "string",
+                        allowed: None,
+                    },
+                    confidence: NumberSchema {
+                        kind: "number",
+                        minimum: 0,
+                        maximum: 1,
+                    },
+                },
+            },
+        },
+    }
+}
+
+/// OpenAI's `response_format`, borrowed from the task's taxonomy: it is serialized once per
+/// request, so it is not built as a `serde_json::Value` first (that showed in the profile).
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "lives on the stack for one request; boxing would add the allocation this avoids"
+)]
+pub enum ResponseFormat<'a> {
+    JsonObject,
+    JsonSchema { json_schema: NamedSchema<'a> },
+}
+
+#[derive(Debug, Serialize)]
+pub struct NamedSchema<'a> {
+    name: &'static str,
+    strict: bool,
+    schema: TriageSchema<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct TriageSchema<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(rename = "additionalProperties")]
+    additional_properties: bool,
+    required: [&'static str; 4],
+    properties: TriageProperties<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct TriageProperties<'a> {
+    category: StringSchema<'a>,
+    priority: StringSchema<'a>,
+    suggested_reply: StringSchema<'a>,
+    confidence: NumberSchema,
+}
+
+#[derive(Debug, Serialize)]
+struct StringSchema<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(rename = "enum", skip_serializing_if = "Option::is_none")]
+    allowed: Option<&'a [String]>,
+}
+
+#[derive(Debug, Serialize)]
+struct NumberSchema {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    minimum: u8,
+    maximum: u8,
 }
 
 /// Checks the model's answer against the taxonomy.
@@ -125,6 +190,8 @@ pub fn repair_messages(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn taxonomy() -> Taxonomy {
@@ -180,11 +247,32 @@ mod tests {
 
     #[test]
     fn the_schema_lists_the_taxonomy() {
-        let format = response_format(&taxonomy(), true);
+        let taxonomy = taxonomy();
+        let format = serde_json::to_value(response_format(&taxonomy, true)).unwrap();
         assert_eq!(
-            format["json_schema"]["schema"]["properties"]["category"]["enum"],
-            json!(["billing", "other"])
+            format,
+            json!({
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "ticket_triage",
+                    "strict": true,
+                    "schema": {
+                        "type": "object",
+                        "additionalProperties": false,
+                        "required": ["category", "priority", "suggested_reply", "confidence"],
+                        "properties": {
+                            "category": { "type": "string", "enum": taxonomy.categories },
+                            "priority": { "type": "string", "enum": taxonomy.priorities },
+                            "suggested_reply": { "type": "string" },
+                            "confidence": { "type": "number", "minimum": 0, "maximum": 1 }
+                        }
+                    }
+                }
+            })
         );
-        assert_eq!(response_format(&taxonomy(), false)["type"], "json_object");
+        assert_eq!(
+            serde_json::to_value(response_format(&taxonomy, false)).unwrap(),
+            json!({ "type": "json_object" })
+        );
     }
 }

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::DateTime;
 use rdkafka::{Message, message::OwnedMessage};
 use tokio::sync::{mpsc, oneshot};
@@ -15,7 +14,7 @@ use triage_runtime::{
         consumer::{Disposition, RecordHandler},
         dead_letter::{self, Failure},
         headers,
-        producer::ContractProducer,
+        producer::{ContractProducer, RetryDelays},
     },
     shutdown::Shutdown,
 };
@@ -156,42 +155,32 @@ impl ResultHandler {
         let envelope = dead_letter::envelope(record, failure, crate::SERVICE);
         let key = dead_letter::record_key(&envelope);
         let trace = headers::extract_trace_context(record.headers());
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(self.retry_min_delay)
-            .with_max_delay(self.retry_max_delay)
-            .without_max_times()
-            .with_jitter()
-            .build();
-        loop {
-            match self
-                .producer
-                .send(&self.dead_letters_topic, &key, &envelope, &trace)
-                .await
-            {
-                Ok(_) => {
-                    self.metrics.dead_letters.inc();
-                    tracing::debug!(
-                        topic = record.topic(),
-                        partition = record.partition(),
-                        offset = record.offset(),
-                        error_class = class.label(),
-                        "result record dead-lettered"
-                    );
-                    return Disposition::Done;
-                }
-                Err(error) => {
-                    if self.shutdown.is_triggered() {
-                        return Disposition::Abandon;
-                    }
-                    let delay = delays.next().unwrap_or(self.retry_max_delay);
-                    tracing::warn!(error = %error, retry_in = ?delay, "failed to produce a dead letter; retrying");
-                    let mut shutdown = self.shutdown.clone();
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = shutdown.wait() => {}
-                    }
-                }
-            }
+        let delays = RetryDelays {
+            min: self.retry_min_delay,
+            max: self.retry_max_delay,
+        };
+        let sent = self
+            .producer
+            .send_until_acknowledged(
+                &self.dead_letters_topic,
+                &key,
+                &envelope,
+                &trace,
+                delays,
+                &self.shutdown,
+            )
+            .await;
+        if sent.is_none() {
+            return Disposition::Abandon;
         }
+        self.metrics.dead_letters.inc();
+        tracing::debug!(
+            topic = record.topic(),
+            partition = record.partition(),
+            offset = record.offset(),
+            error_class = class.label(),
+            "result record dead-lettered"
+        );
+        Disposition::Done
     }
 }

@@ -6,9 +6,13 @@
 
 use std::{collections::HashMap, time::SystemTime};
 
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::{
+    propagation::{Extractor, Injector, TextMapPropagator},
+    trace::TraceContextExt,
+};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use triage_proto::{ContentType, Contract, SCHEMA_VERSION};
 
 pub const CONTENT_TYPE: &str = "content-type";
@@ -78,6 +82,21 @@ pub fn extract_trace_context<H: Headers>(headers: Option<&H>) -> opentelemetry::
     match headers {
         Some(headers) => TraceContextPropagator::new().extract(&HeaderExtractor(headers)),
         None => opentelemetry::Context::new(),
+    }
+}
+
+/// The context to put in an outgoing record's headers: `span`'s, so that the consumer's span
+/// becomes its child; or, when the span is disabled (no subscriber, a filtered level), the
+/// caller's `parent`, so the trace still continues.
+pub fn context_to_propagate(
+    span: &tracing::Span,
+    parent: &opentelemetry::Context,
+) -> opentelemetry::Context {
+    let context = span.context();
+    if context.span().span_context().is_valid() {
+        context
+    } else {
+        parent.clone()
     }
 }
 

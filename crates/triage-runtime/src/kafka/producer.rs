@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use opentelemetry::trace::TraceContextExt;
+use backon::BackoffBuilder;
 use rdkafka::{
     message::OwnedHeaders,
     producer::{FutureProducer, FutureRecord, Producer},
@@ -14,7 +14,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use triage_proto::{ContentType, Contract};
 
 use super::{KafkaError, headers};
-use crate::config::KafkaConfig;
+use crate::{config::KafkaConfig, shutdown::Shutdown};
 
 /// Where the broker stored a record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +34,13 @@ pub enum ProduceError {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+}
+
+/// The bounds of the backoff between attempts of [`ContractProducer::send_until_acknowledged`].
+#[derive(Clone, Copy, Debug)]
+pub struct RetryDelays {
+    pub min: Duration,
+    pub max: Duration,
 }
 
 /// A cloneable handle to one shared librdkafka producer.
@@ -102,14 +109,8 @@ impl ContractProducer {
         );
         let _ = span.set_parent(trace.clone());
         let payload = triage_proto::encode(message, self.content_type);
-        // Without a subscriber (tools, tests) the span is disabled: pass the caller's context on.
-        let span_context = span.context();
-        let propagated = if span_context.span().span_context().is_valid() {
-            &span_context
-        } else {
-            trace
-        };
-        let headers = headers::for_message::<M>(self.service, self.content_type, propagated);
+        let propagated = headers::context_to_propagate(&span, trace);
+        let headers = headers::for_message::<M>(self.service, self.content_type, &propagated);
         let delivered = self
             .send_raw(topic, key.as_bytes(), &payload, headers)
             .instrument(span.clone())
@@ -119,6 +120,41 @@ impl ContractProducer {
             span.record("messaging.kafka.offset", delivered.offset);
         }
         delivered
+    }
+
+    /// [`send`](Self::send), retried with exponential backoff and full jitter between `delays`
+    /// until the broker acknowledges the record. For records that must not be lost (results,
+    /// dead letters): the caller's offset waits for them. `None` when `shutdown` came first;
+    /// the record is then left to whoever consumes the input again.
+    pub async fn send_until_acknowledged<M: Contract>(
+        &self,
+        topic: &str,
+        key: &str,
+        message: &M,
+        trace: &opentelemetry::Context,
+        delays: RetryDelays,
+        shutdown: &Shutdown,
+    ) -> Option<Delivered> {
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(delays.min)
+            .with_max_delay(delays.max)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            match self.send(topic, key, message, trace).await {
+                Ok(delivered) => return Some(delivered),
+                Err(error) => {
+                    let delay = backoff.next().unwrap_or(delays.max);
+                    tracing::warn!(topic, error = %error, retry_in = ?delay, "produce failed; retrying");
+                    let mut shutdown = shutdown.clone();
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.wait() => return None,
+                    }
+                }
+            }
+        }
     }
 
     /// Sends bytes as they are, with the given headers; for replaying original records.
