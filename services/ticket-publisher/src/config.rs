@@ -134,7 +134,10 @@ pub struct DispatchConfig {
     pub static_membership: bool,
     /// Most records in one transaction.
     pub batch_max_records: usize,
-    /// Longest wait to fill a batch once its first record arrived.
+    /// Longest wait to fill a batch once its first record arrived. Zero (the default): a batch
+    /// is whatever was already fetched. Batches still grow with load, because the events that
+    /// arrive during one transaction are the next batch; waiting only adds latency to every
+    /// ticket.
     #[serde(with = "humantime_serde")]
     pub batch_max_wait: Duration,
     /// Longest time a transaction may stay open before the broker aborts it.
@@ -153,7 +156,7 @@ impl Default for DispatchConfig {
             replica_id: String::new(),
             static_membership: false,
             batch_max_records: 500,
-            batch_max_wait: Duration::from_millis(5),
+            batch_max_wait: Duration::ZERO,
             transaction_timeout: Duration::from_secs(30),
             prompt: PromptConfig::default(),
         }
