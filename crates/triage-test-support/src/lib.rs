@@ -477,6 +477,50 @@ pub fn committed_offset(group: &str, topic: &str, partition: i32) -> Option<i64>
     }
 }
 
+/// Waits until `group` is `Stable` with `members` members, each holding partitions: after it, no
+/// join or rebalance is pending that would stall a measurement.
+pub async fn wait_for_settled_group(group: &str, members: usize, timeout: Duration) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = client_config().create().expect("group reader");
+    let client = std::sync::Arc::new(client);
+    wait_until(
+        &format!("consumer group {group} stable with {members} members"),
+        timeout,
+        || {
+            let client = std::sync::Arc::clone(&client);
+            let group = group.to_owned();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    let groups = client
+                        .fetch_group_list(Some(&group), Duration::from_secs(5))
+                        .ok()?;
+                    let info = groups.groups().first()?;
+                    let settled = info.state() == "Stable"
+                        && info.members().len() == members
+                        && info
+                            .members()
+                            .iter()
+                            .all(|m| m.assignment().is_some_and(holds_partitions));
+                    settled.then_some(())
+                })
+                .await
+                .ok()
+                .flatten()
+            }
+        },
+    )
+    .await;
+}
+
+/// Whether a consumer-protocol assignment (int16 version, then an int32 count of topics, each
+/// with its partitions) names at least one topic.
+fn holds_partitions(assignment: &[u8]) -> bool {
+    assignment
+        .get(2..6)
+        .and_then(|count| <[u8; 4]>::try_from(count).ok())
+        .is_some_and(|count| i32::from_be_bytes(count) > 0)
+}
+
 /// Produces `records` (key, value) to `topic`/`partition` and waits for each acknowledgement.
 pub async fn produce(topic: &str, partition: Option<i32>, records: &[(String, Vec<u8>)]) {
     use rdkafka::producer::{FutureProducer, FutureRecord};

@@ -35,6 +35,10 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Value> {
         latency: options.latency.clone(),
     };
     let pipeline = Arc::new(Pipeline::start(pipeline_options).await?);
+    // The second worker's join would otherwise rebalance the first seconds of the run.
+    pipeline
+        .wait_for_settled_groups(Duration::from_secs(120))
+        .await;
     let started = Instant::now();
     let accepted: Arc<Mutex<Vec<(String, f64)>>> = Arc::default();
     let mut submissions = Vec::with_capacity(options.tickets);
@@ -99,6 +103,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Value> {
     let stats = pipeline.sim_stats().await?;
     let accepted_to_request = quantiles(&metrics, "triage_accepted_to_llm_request_seconds");
     let end_to_end = quantiles(&metrics, "triage_result_e2e_seconds");
+    // What every ticket waits for between the ingress and a worker; the largest part of the
+    // accepted -> LLM request latency.
+    let dispatch_transaction = quantiles(&metrics, "triage_dispatch_transaction_duration_seconds");
     let paid_duplicates = llm_sim::stats::paid_duplicates(&stats);
     let dead_letters = sum_samples(&metrics, "triage_worker_dead_letters_total").round() as u64;
     let mut triage_times: Vec<f64> = done.values().copied().collect();
@@ -113,6 +120,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Value> {
         "accepted_per_s": accepted.len() as f64 / submit_seconds,
         "accepted_to_llm_request_p50_ms": accepted_to_request.0 * 1000.0,
         "accepted_to_llm_request_p99_ms": accepted_to_request.1 * 1000.0,
+        "dispatch_transaction_p50_ms": dispatch_transaction.0 * 1000.0,
+        "dispatch_transaction_p99_ms": dispatch_transaction.1 * 1000.0,
         "end_to_end_p50_ms": end_to_end.0 * 1000.0,
         "end_to_end_p99_ms": end_to_end.1 * 1000.0,
         "llm_rpm_limit": options.rpm,

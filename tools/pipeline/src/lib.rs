@@ -376,6 +376,19 @@ impl Pipeline {
         })
     }
 
+    /// Waits until the dispatch, worker and result-writer groups have every member and no
+    /// rebalance pending, so a measurement does not start with a join.
+    pub async fn wait_for_settled_groups(&self, timeout: Duration) {
+        for (group, members) in [
+            ("ticket-dispatcher", 1),
+            ("inference-worker", self.workers.len()),
+            ("result-writer", 1),
+        ] {
+            triage_test_support::wait_for_settled_group(&self.names.group(group), members, timeout)
+                .await;
+        }
+    }
+
     /// `POST /v1/tickets`; the status and the JSON answer (202 body or problem details).
     pub async fn submit(
         &self,
