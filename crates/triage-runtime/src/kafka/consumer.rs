@@ -214,7 +214,7 @@ impl ConsumerMetrics {
         let metrics = ConsumerMetrics::default();
         registry.register(
             "consumer_in_flight",
-            "Records handed to handlers and not finished",
+            "Records fetched and not finished: running, read ahead, or waiting behind their key",
             metrics.in_flight.clone(),
         );
         registry.register(
