@@ -11,6 +11,7 @@ help:
 	@echo "make test        start the local stack, then fmt, clippy and the whole test suite"
 	@echo "make stack-up    start Kafka (KRaft), Redis and PostgreSQL on loopback (idempotent)"
 	@echo "make stack-down  stop them"
+	@echo "make clean-stack stop them and delete their data (every test run leaves its topics and schemas)"
 	@echo "make bench       run the benchmarks recorded in docs/BENCHMARKS.md (BENCH=name for one)"
 	@echo "make chaos       kill workers, restart broker/Redis/PostgreSQL, LLM outage; check nothing is lost"
 	@echo "make helm-check  lint, render and validate the Helm chart (installs helm into .local/bin)"
@@ -23,6 +24,9 @@ stack-down:
 
 stack-status:
 	@deploy/stack.sh status
+
+clean-stack:
+	@deploy/stack.sh wipe
 
 build:
 	$(CARGO) build --workspace --bins

@@ -133,7 +133,10 @@ kafka_up() {
   (exec nohup java "${KAFKA_JVM_OPTS[@]}" -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_DIR/server.properties" \
     >"$KAFKA_DIR/logs/stdout.log" 2>&1) &
   echo $! >"$KAFKA_PID"
-  wait_for "kafka" 90 kafka_ready || die "Kafka did not start; see $KAFKA_DIR/logs/"
+  # Every test makes its own topics, so a developer's broker collects thousands of partitions,
+  # and loading them at start takes minutes: slow is not failed. `wipe` clears them.
+  wait_for "kafka" 300 kafka_ready \
+    || die "Kafka did not start; see $KAFKA_DIR/logs/ (many leftover test topics? deploy/stack.sh wipe)"
 }
 
 # The broker answers on its port before its metadata is ready; listing topics proves both.
@@ -279,6 +282,15 @@ case "${1:-}" in
     pg_down
     ;;
   status) status ;;
+  wipe)
+    # Stops everything and deletes its data (test topics, schemas, keys); `up` starts afresh.
+    kafka_down
+    redis_down
+    pg_down
+    resolve_pg_dir
+    rm -rf "$KAFKA_DIR/data" "$REDIS_DIR" "$PG_DIR"
+    log "stack data deleted; deploy/stack.sh up starts afresh"
+    ;;
   restart)
     case "${2:-}" in
       kafka) kafka_down; kafka_up ;;
@@ -295,5 +307,5 @@ case "${1:-}" in
       *) die "kill takes kafka, redis or postgres" ;;
     esac
     ;;
-  *) die "usage: $0 up|down|status|restart COMPONENT|kill COMPONENT" ;;
+  *) die "usage: $0 up|down|status|wipe|restart COMPONENT|kill COMPONENT" ;;
 esac
