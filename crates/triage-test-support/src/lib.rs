@@ -21,8 +21,10 @@ use rdkafka::{
     ClientConfig, Message,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     client::DefaultClientContext,
-    consumer::{Consumer, StreamConsumer},
+    consumer::{BaseConsumer, Consumer, StreamConsumer},
+    error::KafkaError,
     message::OwnedMessage,
+    types::RDKafkaErrorCode,
 };
 
 /// Endpoints of the running local stack.
@@ -179,11 +181,50 @@ pub async fn create_topics(names: &[&str], partitions: i32) {
         .expect("create topics");
     for result in results {
         if let Err((topic, code)) = result
-            && code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
+            && code != RDKafkaErrorCode::TopicAlreadyExists
         {
             panic!("cannot create test topic {topic}: {code}");
         }
     }
+    wait_for_topic_leaders(names).await;
+}
+
+/// Waits until the broker's metadata shows every partition of `names` with a leader.
+///
+/// CreateTopics is answered once the controller accepted the topics, before the broker's own
+/// metadata cache knows them; a consumer subscribing in that gap is told
+/// `UnknownTopicOrPartition`, and a test would fail on a race it did not mean to test.
+async fn wait_for_topic_leaders(names: &[&str]) {
+    let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let client: BaseConsumer = client_config().create().expect("metadata client");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for name in &names {
+            loop {
+                let ready = client
+                    .fetch_metadata(Some(name), Duration::from_secs(5))
+                    .is_ok_and(|metadata| {
+                        metadata.topics().first().is_some_and(|topic| {
+                            topic.error().is_none()
+                                && !topic.partitions().is_empty()
+                                && topic.partitions().iter().all(|partition| {
+                                    partition.error().is_none() && partition.leader() >= 0
+                                })
+                        })
+                    });
+                if ready {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "topic {name} has no leader on every partition after 30 s"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()));
 }
 
 /// Client settings for the stack's broker.
@@ -221,6 +262,8 @@ pub async fn read_records(
         let remaining = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(remaining, consumer.recv()).await {
             Ok(Ok(message)) => records.push(message.detach()),
+            // Informational: the subscription's metadata is not there yet; it will be.
+            Ok(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition))) => {}
             Ok(Err(error)) => panic!("consumer error: {error}"),
             Err(_) => panic!(
                 "only {} of {count} records arrived within {timeout:?}",
@@ -235,13 +278,18 @@ pub async fn read_records(
 pub async fn read_for(consumer: &StreamConsumer, window: Duration) -> Vec<OwnedMessage> {
     let deadline = Instant::now() + window;
     let mut records = Vec::new();
-    while let Ok(Ok(message)) = tokio::time::timeout(
+    // A consumer error must not end the window early: "nothing came" would then prove nothing.
+    while let Ok(received) = tokio::time::timeout(
         deadline.saturating_duration_since(Instant::now()),
         consumer.recv(),
     )
     .await
     {
-        records.push(message.detach());
+        match received {
+            Ok(message) => records.push(message.detach()),
+            Err(KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err(error) => panic!("consumer error: {error}"),
+        }
     }
     records
 }
