@@ -112,6 +112,13 @@ logger.kafka.name = kafka
 logger.kafka.level = warn
 logger.apache.name = org.apache.kafka
 logger.apache.level = warn
+# Start and shutdown lines, so a broker that went away says when and how.
+logger.raftserver.name = kafka.server.KafkaRaftServer
+logger.raftserver.level = info
+logger.brokerserver.name = kafka.server.BrokerServer
+logger.brokerserver.level = info
+logger.kafkamain.name = kafka.Kafka$
+logger.kafkamain.level = info
 EOF
   if [[ ! -f "$KAFKA_DIR/data/meta.properties" ]]; then
     local cluster_id
@@ -179,8 +186,11 @@ redis_down() {
   port_open "$REDIS_PORT" || return 0
   pid_alive "$REDIS_PID" || return 0
   log "stopping Redis"
+  # Read before the shutdown: Redis deletes its pid file on the way out.
+  local pid
+  pid=$(cat "$REDIS_PID")
   redis-cli -p "$REDIS_PORT" shutdown >/dev/null 2>&1 || true
-  wait_for "redis shutdown" 10 bash -c "! kill -0 $(cat "$REDIS_PID" 2>/dev/null || echo 0)" || true
+  wait_for "redis shutdown" 10 bash -c "! kill -0 $pid" || true
 }
 
 redis_kill() { pid_alive "$REDIS_PID" && kill -9 "$(cat "$REDIS_PID")" || true; }

@@ -7,7 +7,7 @@
 //! `serial_` phase of make test), never beside other tests.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashMap, HashSet},
     process::Command,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -107,11 +107,13 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
 
     let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
     let submitted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let refusals = Arc::new(Mutex::new(HashMap::new()));
     let submitter = {
         let client = SubmitClient {
             http_url: pipeline.http_url.clone(),
             api_key: pipeline.api_key.clone(),
             http: reqwest::Client::new(),
+            refusals: Arc::clone(&refusals),
         };
         let accepted = Arc::clone(&accepted);
         let submitted = Arc::clone(&submitted);
@@ -171,7 +173,14 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
         events.push(event);
     }
     submitter.await?;
-    wait_for(&submitted, options.tickets, Duration::from_secs(600)).await?;
+    wait_for(&submitted, options.tickets, Duration::from_secs(600))
+        .await
+        .with_context(|| {
+            format!(
+                "last answers to the tickets still refused: {}",
+                refusal_summary(&refusals.lock().expect("refusals lock"))
+            )
+        })?;
     let accepted: Vec<String> = accepted.lock().expect("accepted lock").clone();
 
     // Every accepted ticket must end as a triage row or a dead letter.
@@ -245,6 +254,22 @@ struct SubmitClient {
     http_url: String,
     api_key: String,
     http: reqwest::Client,
+    /// The last answer other than 202, by ticket still waiting for one: what a stalled
+    /// submission reports.
+    refusals: Arc<Mutex<HashMap<String, String>>>,
+}
+
+/// "503 ×40, connection refused ×1": how many waiting tickets got which last answer.
+fn refusal_summary(refusals: &HashMap<String, String>) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for answer in refusals.values() {
+        *counts.entry(answer).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .map(|(answer, count)| format!("{answer} ×{count}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl SubmitClient {
@@ -267,11 +292,31 @@ impl SubmitClient {
                 .json(&body)
                 .send()
                 .await;
-            if let Ok(response) = sent
-                && response.status().as_u16() == 202
-            {
-                return;
-            }
+            let refusal = match sent {
+                Ok(response) if response.status().as_u16() == 202 => {
+                    self.refusals
+                        .lock()
+                        .expect("refusals lock")
+                        .remove(ticket_id);
+                    return;
+                }
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let body = response.text().await.unwrap_or_default();
+                    let title = serde_json::from_str::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|problem| problem["title"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    format!("{status} {title}")
+                }
+                Err(error) if error.is_timeout() => "timed out".to_owned(),
+                Err(error) if error.is_connect() => "connection refused".to_owned(),
+                Err(_) => "transport error".to_owned(),
+            };
+            self.refusals
+                .lock()
+                .expect("refusals lock")
+                .insert(ticket_id.to_owned(), refusal);
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
