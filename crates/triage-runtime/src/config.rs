@@ -165,6 +165,8 @@ pub struct KafkaConfig {
     /// CA bundle to verify the brokers' certificates.
     pub ssl_ca_location: Option<PathBuf>,
     /// Extra librdkafka properties, passed through as they are (e.g. `"socket.keepalive.enable" = "true"`).
+    /// They override the producer and consumer defaults (`linger.ms`, `compression.type`, ...),
+    /// not the settings a stage's correctness rests on (offset commits, transactions).
     pub extra: BTreeMap<String, String>,
 }
 

@@ -65,35 +65,42 @@ impl KafkaConfig {
         if let Some(ca) = &self.ssl_ca_location {
             config.set("ssl.ca.location", ca.display().to_string());
         }
-        for (key, value) in &self.extra {
-            config.set(key, value);
-        }
+        self.apply_extra(&mut config);
         config
     }
 
+    /// Applied after our defaults, so an operator's librdkafka setting wins over them.
+    fn apply_extra(&self, config: &mut ClientConfig) {
+        for (key, value) in &self.extra {
+            config.set(key, value);
+        }
+    }
+
     /// An idempotent producer that waits for every in-sync replica: a send that succeeds is
-    /// durable and never duplicated by the client's own retries.
+    /// durable and never duplicated by the client's own retries. `kafka.extra` may change the
+    /// batching defaults, not those two guarantees.
     pub fn producer_config(&self, role: &str) -> ClientConfig {
         let mut config = self.client_config(role);
-        config
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "1")
-            .set("compression.type", "lz4");
+        config.set("linger.ms", "1").set("compression.type", "lz4");
+        self.apply_extra(&mut config);
+        config.set("enable.idempotence", "true").set("acks", "all");
         config
     }
 
     /// A consumer in `group_id` that commits nothing on its own: the offset tracker stores the
     /// lowest unfinished offset and the runtime commits it. Only committed transactions are read.
+    /// `kafka.extra` may change the reset policy and the assignor, not the commit discipline.
     pub fn consumer_config(&self, role: &str, group_id: &str) -> ClientConfig {
         let mut config = self.client_config(role);
+        config
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        self.apply_extra(&mut config);
         config
             .set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("isolation.level", "read_committed")
-            .set("partition.assignment.strategy", "cooperative-sticky");
+            .set("isolation.level", "read_committed");
         config
     }
 }
@@ -116,4 +123,32 @@ pub fn probe_client(config: &KafkaConfig, service: &str) -> Result<BaseConsumer,
             role: "probe",
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_settings_override_defaults_but_not_guarantees() {
+        let mut kafka = KafkaConfig::default();
+        kafka.extra.insert("linger.ms".into(), "0".into());
+        kafka.extra.insert("acks".into(), "1".into());
+        kafka
+            .extra
+            .insert("isolation.level".into(), "read_uncommitted".into());
+        kafka
+            .extra
+            .insert("auto.offset.reset".into(), "latest".into());
+
+        let producer = kafka.producer_config("p");
+        assert_eq!(producer.get("linger.ms"), Some("0"));
+        assert_eq!(producer.get("acks"), Some("all"));
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+
+        let consumer = kafka.consumer_config("c", "group");
+        assert_eq!(consumer.get("auto.offset.reset"), Some("latest"));
+        assert_eq!(consumer.get("isolation.level"), Some("read_committed"));
+        assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
+    }
 }
