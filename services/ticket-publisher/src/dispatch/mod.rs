@@ -400,9 +400,13 @@ impl Dispatcher {
                 .or_insert(0);
             *next = (*next).max(message.offset() + 1);
         }
-        // The offsets go after the records are acknowledged: sending them while the records
-        // were in flight stalled some commits by about 200 ms in the pipeline benchmark (the
-        // dispatch transaction's p99 went from 20 ms to 230 ms).
+        // The offsets go after the records are acknowledged. Sending them while the records
+        // were in flight made the pipeline bench's p50 0.5 ms better and its p99 150-195 ms
+        // instead of 33-35, with the flush stall below ruled out. Likely cause (from
+        // librdkafka's source, not seen in a log): AddOffsetsToTxn then opens the transaction
+        // and can meet the previous one still completing on the coordinator
+        // (CONCURRENT_TRANSACTIONS), retried after retry.backoff.ms (100 ms); AddPartitionsToTxn
+        // opening it is retried after 20 ms.
         for delivery in deliveries {
             match delivery.await {
                 Ok(Ok(_)) => {}
@@ -421,6 +425,7 @@ impl Dispatcher {
         let producer = self.producer.clone();
         blocking(move || {
             producer.send_offsets_to_transaction(&offsets, &group, TXN_CALL_TIMEOUT)?;
+            wait_for_released_deliveries(&producer);
             producer.commit_transaction(TXN_CALL_TIMEOUT)
         })
         .await?;
@@ -558,6 +563,22 @@ fn dead_letter(
 }
 
 /// Runs a blocking librdkafka call off the async workers.
+/// Waits (briefly) until librdkafka has released the batch's delivery reports.
+///
+/// rust-rdkafka's `commit_transaction` flushes first, and its flush, finding anything still
+/// counted as outstanding, polls for a full 100 ms while the producer's own thread takes the
+/// events. The acknowledgements were already awaited, so what can remain is the moment between
+/// a report resolving its future and librdkafka counting the record as gone. With the offsets
+/// sent while records were in flight, librdkafka's debug log showed batches losing exactly
+/// 100 ms there, between the last ProduceResponse and `commit_transaction`; in this order the
+/// offsets usually take longer than that moment, but not always.
+fn wait_for_released_deliveries(producer: &FutureProducer) {
+    let deadline = Instant::now() + Duration::from_millis(20);
+    while producer.in_flight_count() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
 async fn blocking<T, F>(call: F) -> Result<T, KafkaError>
 where
     F: FnOnce() -> Result<T, KafkaError> + Send + 'static,
