@@ -562,7 +562,6 @@ fn dead_letter(
     }
 }
 
-/// Runs a blocking librdkafka call off the async workers.
 /// Waits (briefly) until librdkafka has released the batch's delivery reports.
 ///
 /// rust-rdkafka's `commit_transaction` flushes first, and its flush, finding anything still
@@ -579,6 +578,7 @@ fn wait_for_released_deliveries(producer: &FutureProducer) {
     }
 }
 
+/// Runs a blocking librdkafka call off the async workers.
 async fn blocking<T, F>(call: F) -> Result<T, KafkaError>
 where
     F: FnOnce() -> Result<T, KafkaError> + Send + 'static,
