@@ -508,6 +508,10 @@ pub fn assert_bad_config_fails_with_one_line_naming_the_key(binary: &str) {
 
 /// The offset `group` has committed for `topic`/`partition`, if any. Reads it without joining
 /// the group.
+///
+/// On a fresh broker the first group to commit makes it create `__consumer_offsets`; until the
+/// broker has loaded that partition it answers `NotCoordinator` or `CoordinatorLoadInProgress`.
+/// Those are retried for up to 30 s, like a real consumer would; any other error fails the test.
 pub fn committed_offset(group: &str, topic: &str, partition: i32) -> Option<i64> {
     use rdkafka::{Offset, TopicPartitionList, consumer::BaseConsumer};
     let client: BaseConsumer = client_config()
@@ -516,13 +520,34 @@ pub fn committed_offset(group: &str, topic: &str, partition: i32) -> Option<i64>
         .expect("offset reader");
     let mut partitions = TopicPartitionList::new();
     partitions.add_partition(topic, partition);
-    let committed = client
-        .committed_offsets(partitions, Duration::from_secs(10))
-        .expect("committed offsets");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let committed = loop {
+        match client.committed_offsets(partitions.clone(), Duration::from_secs(10)) {
+            Ok(committed) => break committed,
+            Err(error)
+                if is_coordinator_settling(&error) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(error) => panic!("committed offsets of {group} on {topic}/{partition}: {error}"),
+        }
+    };
     match committed.find_partition(topic, partition)?.offset() {
         Offset::Offset(offset) => Some(offset),
         _ => None,
     }
+}
+
+/// Whether `error` only says the group coordinator is still moving into place.
+fn is_coordinator_settling(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorLoadInProgress
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+        )
+    )
 }
 
 /// Waits until `group` is `Stable` with `members` members, each holding partitions: after it, no

@@ -29,6 +29,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use backon::{ExponentialBuilder, Retryable};
 use futures::FutureExt as _;
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -311,10 +312,8 @@ impl Dispatcher {
                     return Err(DispatchError::Fatal(error));
                 }
                 tracing::warn!(error = %error, records = batch.len(), "dispatch transaction failed; aborting and rewinding");
-                let fatal =
-                    matches!(&error, KafkaError::Transaction(rd_error) if rd_error.is_fatal());
                 let producer = self.producer.clone();
-                let aborted = if fatal {
+                let aborted = if is_fatal(&error) {
                     Err(error)
                 } else {
                     blocking(move || producer.abort_transaction(TXN_CALL_TIMEOUT)).await
@@ -335,24 +334,21 @@ impl Dispatcher {
     /// what was open. Retried with backoff while the brokers are unreachable.
     async fn replace_producer(&mut self, cause: KafkaError) -> Result<(), DispatchError> {
         tracing::warn!(error = %cause, "transactional producer unusable; starting a new one");
-        let mut delay = Duration::from_millis(500);
-        loop {
-            match transactional_producer(&self.config).await {
-                Ok(producer) => {
-                    self.producer = producer;
-                    tracing::info!("new transactional producer ready");
-                    return Ok(());
-                }
-                Err(DispatchError::Init { source, .. }) if is_fenced(&source) => {
-                    return Err(DispatchError::Fatal(source));
-                }
-                Err(error) => {
-                    tracing::warn!(error = %error, retry_in = ?delay, "cannot start a new transactional producer yet");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
+        let config = &self.config;
+        let producer = (|| transactional_producer(config))
+            .retry(while_brokers_recover())
+            .when(|error| !matches!(error, DispatchError::Init { source, .. } if is_fenced(source)))
+            .notify(|error, delay| {
+                tracing::warn!(error = %error, retry_in = ?delay, "cannot start a new transactional producer yet");
+            })
+            .await
+            .map_err(|error| match error {
+                DispatchError::Init { source, .. } => DispatchError::Fatal(source),
+                other => other,
+            })?;
+        self.producer = producer;
+        tracing::info!("new transactional producer ready");
+        Ok(())
     }
 
     fn count(&self, outcome: &'static str, tasks: u64, dead_letters: u64) {
@@ -433,27 +429,51 @@ impl Dispatcher {
     }
 
     /// Seeks every assigned partition back to its committed offset, so the aborted batch is
-    /// read again (prefetched records of those partitions are dropped by the seek).
+    /// read again (prefetched records of those partitions are dropped by the seek). Reading the
+    /// committed offsets needs the group coordinator, which may be moving or restarting; that is
+    /// retried with backoff rather than ending the stage.
     async fn rewind(&self) -> Result<(), DispatchError> {
-        let consumer = Arc::clone(&self.consumer);
-        blocking(move || {
-            let committed = consumer.committed(TXN_CALL_TIMEOUT)?;
-            let mut positions = TopicPartitionList::with_capacity(committed.count());
-            for element in committed.elements() {
-                let offset = match element.offset() {
-                    Offset::Offset(offset) => Offset::Offset(offset),
-                    _ => Offset::Beginning,
-                };
-                positions.add_partition_offset(element.topic(), element.partition(), offset)?;
-            }
-            if positions.count() > 0 {
-                consumer.seek_partitions(positions, TXN_CALL_TIMEOUT)?;
-            }
-            Ok(())
+        (|| {
+            let consumer = Arc::clone(&self.consumer);
+            blocking(move || seek_to_committed(&consumer))
+        })
+        .retry(while_brokers_recover())
+        .when(|error| !is_fatal(error))
+        .notify(|error, delay| {
+            tracing::warn!(error = %error, retry_in = ?delay, "cannot rewind to the committed offsets yet");
         })
         .await
         .map_err(DispatchError::Rewind)
     }
+}
+
+/// Backoff for calls that wait on the brokers coming back: 0.5 s doubling to 10 s, for as long
+/// as it takes (the stage has nothing better to do, and readiness reports it meanwhile).
+fn while_brokers_recover() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(10))
+        .without_max_times()
+}
+
+fn is_fatal(error: &KafkaError) -> bool {
+    is_fenced(error) || matches!(error, KafkaError::Transaction(rd_error) if rd_error.is_fatal())
+}
+
+fn seek_to_committed(consumer: &StreamConsumer) -> Result<(), KafkaError> {
+    let committed = consumer.committed(TXN_CALL_TIMEOUT)?;
+    let mut positions = TopicPartitionList::with_capacity(committed.count());
+    for element in committed.elements() {
+        let offset = match element.offset() {
+            Offset::Offset(offset) => Offset::Offset(offset),
+            _ => Offset::Beginning,
+        };
+        positions.add_partition_offset(element.topic(), element.partition(), offset)?;
+    }
+    if positions.count() > 0 {
+        consumer.seek_partitions(positions, TXN_CALL_TIMEOUT)?;
+    }
+    Ok(())
 }
 
 /// Decides what one event becomes: a task keyed by tenant, or a dead letter keyed by ticket.
