@@ -5,8 +5,9 @@
 //!
 //! ```text
 //!   idle ──first record──▶ filling (≤ batch_max_records, ≤ batch_max_wait)
-//!        ──▶ begin_transaction ─▶ produce every task / dead letter ─▶ await acknowledgements
-//!        ──▶ send_offsets_to_transaction(next offset per partition, group metadata)
+//!        ──▶ begin_transaction ─▶ produce every task / dead letter
+//!        ──▶ together: await acknowledgements
+//!                      send_offsets_to_transaction(next offset per partition, group metadata)
 //!        ──▶ commit_transaction ──▶ idle
 //!   any error ──▶ abort_transaction ─▶ seek every partition back to its committed offset ─▶ idle
 //!   abort impossible (broker restarted mid-transaction) ──▶ new producer, init_transactions, seek back
@@ -160,6 +161,11 @@ async fn transactional_producer(config: &Config) -> Result<FutureProducer, Dispa
         // Every record of a batch is queued before any acknowledgement is awaited, so they
         // share requests anyway; lingering would only delay the commit.
         .set("linger.ms", "0")
+        // AddOffsetsToTxn can reach the coordinator while the previous transaction is still
+        // being completed there (CONCURRENT_TRANSACTIONS). librdkafka retries it after
+        // retry.backoff.ms, 100 ms by default: seen in its debug log as 120 ms transactions,
+        // the whole of the p99. 2 ms (doubling to retry.backoff.max.ms) is a few round trips.
+        .set("retry.backoff.ms", "2")
         .create()
         .map_err(|source| DispatchError::Client {
             role: "dispatch producer",
@@ -396,20 +402,10 @@ impl Dispatcher {
                 .or_insert(0);
             *next = (*next).max(message.offset() + 1);
         }
-        // The offsets go after the records are acknowledged. Sending them while the records
-        // were in flight made the pipeline bench's p50 0.5 ms better and its p99 150-195 ms
-        // instead of 33-35, with the flush stall below ruled out. Likely cause (from
-        // librdkafka's source, not seen in a log): AddOffsetsToTxn then opens the transaction
-        // and can meet the previous one still completing on the coordinator
-        // (CONCURRENT_TRANSACTIONS), retried after retry.backoff.ms (100 ms); AddPartitionsToTxn
-        // opening it is retried after 20 ms.
-        for delivery in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((error, _))) => return Err(error),
-                Err(_) => return Err(KafkaError::Canceled),
-            }
-        }
+        // The offsets travel while the records are in flight: AddOffsetsToTxn and
+        // TxnOffsetCommit overlap the AddPartitionsToTxn/Produce round trips instead of
+        // following them (pipeline bench p50 about 1 ms better). Nothing is visible before
+        // the commit, and the commit waits for both, so the order changes no guarantee.
         let mut offsets = TopicPartitionList::with_capacity(next_offsets.len());
         for ((topic, partition), next) in next_offsets {
             offsets.add_partition_offset(topic, partition, Offset::Offset(next))?;
@@ -419,8 +415,24 @@ impl Dispatcher {
             .group_metadata()
             .ok_or(KafkaError::Global(rdkafka::types::RDKafkaErrorCode::State))?;
         let producer = self.producer.clone();
+        let offsets_sent = blocking(move || {
+            producer.send_offsets_to_transaction(&offsets, &group, TXN_CALL_TIMEOUT)
+        });
+        let acknowledged = async {
+            for delivery in deliveries {
+                match delivery.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((error, _))) => return Err(error),
+                    Err(_) => return Err(KafkaError::Canceled),
+                }
+            }
+            Ok(())
+        };
+        let (acknowledged, offsets_sent) = tokio::join!(acknowledged, offsets_sent);
+        acknowledged?;
+        offsets_sent?;
+        let producer = self.producer.clone();
         blocking(move || {
-            producer.send_offsets_to_transaction(&offsets, &group, TXN_CALL_TIMEOUT)?;
             wait_for_released_deliveries(&producer);
             producer.commit_transaction(TXN_CALL_TIMEOUT)
         })
@@ -587,10 +599,9 @@ fn dead_letter(
 /// rust-rdkafka's `commit_transaction` flushes first, and its flush, finding anything still
 /// counted as outstanding, polls for a full 100 ms while the producer's own thread takes the
 /// events. The acknowledgements were already awaited, so what can remain is the moment between
-/// a report resolving its future and librdkafka counting the record as gone. With the offsets
-/// sent while records were in flight, librdkafka's debug log showed batches losing exactly
-/// 100 ms there, between the last ProduceResponse and `commit_transaction`; in this order the
-/// offsets usually take longer than that moment, but not always.
+/// a report resolving its future and librdkafka counting the record as gone. librdkafka's
+/// debug log showed batches losing exactly 100 ms there, between the last ProduceResponse and
+/// `commit_transaction`, whenever the offsets were done before the acknowledgements.
 fn wait_for_released_deliveries(producer: &FutureProducer) {
     let deadline = Instant::now() + Duration::from_millis(20);
     while producer.in_flight_count() > 0 && Instant::now() < deadline {
