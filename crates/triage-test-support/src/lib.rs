@@ -140,6 +140,11 @@ impl TestContext {
         create_topics(&self.topics.all(), partitions).await;
     }
 
+    /// Deletes the four topics (see [`delete_topics`]).
+    pub async fn delete_topics(&self) {
+        delete_topics(&self.topics.all()).await;
+    }
+
     /// The `TRIAGE_*` environment that points a service binary at this test's stack and topics.
     pub fn service_env(&self) -> Vec<(String, String)> {
         let stack = Stack::get();
@@ -187,6 +192,26 @@ pub async fn create_topics(names: &[&str], partitions: i32) {
         }
     }
     wait_for_topic_leaders(names).await;
+}
+
+/// Deletes topics a run created and no longer needs, best effort: a broker left with thousands
+/// of partitions from earlier runs is slower to answer and to restart, and later measurements
+/// would depend on how many runs came before.
+pub async fn delete_topics(names: &[&str]) {
+    let admin: AdminClient<DefaultClientContext> = client_config().create().expect("admin client");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    match admin.delete_topics(names, &options).await {
+        Ok(results) => {
+            for result in results {
+                if let Err((topic, code)) = result
+                    && code != RDKafkaErrorCode::UnknownTopicOrPartition
+                {
+                    eprintln!("could not delete topic {topic}: {code}");
+                }
+            }
+        }
+        Err(error) => eprintln!("could not delete topics {names:?}: {error}"),
+    }
 }
 
 /// Waits until the broker's metadata shows every partition of `names` with a leader.

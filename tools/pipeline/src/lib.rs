@@ -536,6 +536,17 @@ impl Pipeline {
             sim.signal("TERM");
             sim.wait_exit(Duration::from_secs(10)).await;
         }
+        // An isolated run's topics are its own; the demo's default topics stay.
+        if self.options.isolated.is_some() {
+            let names = &self.names;
+            triage_test_support::delete_topics(&[
+                &names.tickets_created,
+                &names.inference_tasks,
+                &names.results,
+                &names.dead_letters,
+            ])
+            .await;
+        }
         Ok(())
     }
 
