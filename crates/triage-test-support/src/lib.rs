@@ -140,11 +140,6 @@ impl TestContext {
         create_topics(&self.topics.all(), partitions).await;
     }
 
-    /// Deletes the four topics (see [`delete_topics`]).
-    pub async fn delete_topics(&self) {
-        delete_topics(&self.topics.all()).await;
-    }
-
     /// The `TRIAGE_*` environment that points a service binary at this test's stack and topics.
     pub fn service_env(&self) -> Vec<(String, String)> {
         let stack = Stack::get();
@@ -545,13 +540,11 @@ pub fn committed_offset(group: &str, topic: &str, partition: i32) -> Option<i64>
         .expect("offset reader");
     let mut partitions = TopicPartitionList::new();
     partitions.add_partition(topic, partition);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let committed = loop {
         match client.committed_offsets(partitions.clone(), Duration::from_secs(10)) {
             Ok(committed) => break committed,
-            Err(error)
-                if is_coordinator_settling(&error) && std::time::Instant::now() < deadline =>
-            {
+            Err(error) if is_coordinator_settling(&error) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(100));
             }
             Err(error) => panic!("committed offsets of {group} on {topic}/{partition}: {error}"),

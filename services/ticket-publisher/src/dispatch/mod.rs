@@ -164,7 +164,8 @@ async fn transactional_producer(config: &Config) -> Result<FutureProducer, Dispa
         // AddOffsetsToTxn can reach the coordinator while the previous transaction is still
         // being completed there (CONCURRENT_TRANSACTIONS). librdkafka retries it after
         // retry.backoff.ms, 100 ms by default: seen in its debug log as 120 ms transactions,
-        // the whole of the p99. 2 ms (doubling to retry.backoff.max.ms) is a few round trips.
+        // which set the p99 once the offsets overlapped the records. 2 ms (doubling to
+        // retry.backoff.max.ms) is a few round trips.
         .set("retry.backoff.ms", "2")
         .create()
         .map_err(|source| DispatchError::Client {
@@ -460,7 +461,8 @@ impl Dispatcher {
 }
 
 /// Backoff for calls that wait on the brokers coming back: 0.5 s doubling to 10 s, for as long
-/// as it takes (the stage has nothing better to do, and readiness reports it meanwhile).
+/// as it takes. The stage has nothing better to do; each retry logs why, `/readyz` fails while
+/// the brokers are unreachable, and a shutdown still ends at the drain deadline.
 fn while_brokers_recover() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(500))
@@ -468,6 +470,7 @@ fn while_brokers_recover() -> ExponentialBuilder {
         .without_max_times()
 }
 
+/// Errors no retry or abort can cure: this producer must go (fenced) or be replaced (fatal).
 fn is_fatal(error: &KafkaError) -> bool {
     is_fenced(error) || matches!(error, KafkaError::Transaction(rd_error) if rd_error.is_fatal())
 }
