@@ -53,6 +53,7 @@ enabled = true
 group_id = {{ include "tt.str" $d.groupId }}
 transactional_id = {{ include "tt.str" $d.transactionalId }}
 # replica_id unset: the pod name ($POD_NAME), so a restarted pod fences its predecessor.
+lanes = {{ int $d.lanes }}
 batch_max_records = {{ int $d.batchMaxRecords }}
 batch_max_wait = {{ include "tt.str" $d.batchMaxWait }}
 

@@ -132,6 +132,11 @@ pub struct DispatchConfig {
     /// waiting for its predecessor's session to time out. Leave off with changing pod names
     /// (Deployment): a static member that is gone for good holds its partitions until then.
     pub static_membership: bool,
+    /// Independent dispatch lanes in this replica. Each lane is its own group member with its
+    /// own transactional producer, so it owns a share of the partitions and commits on its own:
+    /// a ticket on one lane's partition does not wait for the transaction another lane has open.
+    /// More lanes than partitions leaves the extra lanes idle.
+    pub lanes: usize,
     /// Most records in one transaction.
     pub batch_max_records: usize,
     /// Longest wait to fill a batch once its first record arrived. Zero (the default): a batch
@@ -155,6 +160,7 @@ impl Default for DispatchConfig {
             transactional_id: "ticket-dispatcher".into(),
             replica_id: String::new(),
             static_membership: false,
+            lanes: 2,
             batch_max_records: 500,
             batch_max_wait: Duration::ZERO,
             transaction_timeout: Duration::from_secs(30),
@@ -164,9 +170,19 @@ impl Default for DispatchConfig {
 }
 
 impl DispatchConfig {
-    /// `transactional_id` plus the replica id.
-    pub fn full_transactional_id(&self) -> String {
-        format!("{}-{}", self.transactional_id, self.resolved_replica_id())
+    /// `transactional_id`, the replica id and the lane: stable across restarts of the same
+    /// replica, so its successor fences it, and different for every lane.
+    pub fn full_transactional_id(&self, lane: usize) -> String {
+        format!(
+            "{}-{}-{lane}",
+            self.transactional_id,
+            self.resolved_replica_id()
+        )
+    }
+
+    /// The lane's `group.instance.id` under static membership.
+    pub fn group_instance_id(&self, lane: usize) -> String {
+        format!("{}-{lane}", self.resolved_replica_id())
     }
 
     /// `replica_id`, or the pod or host name when it is empty.
@@ -258,6 +274,7 @@ impl Validate for Config {
                 "dispatch.batch_max_records",
                 self.dispatch.batch_max_records,
             ),
+            ("dispatch.lanes", self.dispatch.lanes),
             (
                 "dispatch.prompt.max_ticket_chars",
                 self.dispatch.prompt.max_ticket_chars,
@@ -328,13 +345,21 @@ mod tests {
     }
 
     #[test]
-    fn the_transactional_id_ends_with_the_replica() {
+    fn the_transactional_id_ends_with_the_replica_and_lane() {
         let dispatch = DispatchConfig {
             replica_id: "pod-3".into(),
             ..DispatchConfig::default()
         };
-        assert_eq!(dispatch.full_transactional_id(), "ticket-dispatcher-pod-3");
+        assert_eq!(
+            dispatch.full_transactional_id(0),
+            "ticket-dispatcher-pod-3-0"
+        );
+        assert_eq!(
+            dispatch.full_transactional_id(1),
+            "ticket-dispatcher-pod-3-1"
+        );
+        assert_eq!(dispatch.group_instance_id(1), "pod-3-1");
         let unnamed = DispatchConfig::default();
-        assert!(unnamed.full_transactional_id().len() > "ticket-dispatcher-".len());
+        assert!(unnamed.full_transactional_id(0).len() > "ticket-dispatcher--0".len());
     }
 }

@@ -168,16 +168,18 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         );
     }
     if config.dispatch.enabled {
-        let dispatcher = Dispatcher::start(Arc::clone(&config), dispatch_metrics)
-            .await
-            .context("failed to start the dispatch stage")?;
-        let dispatch_shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            dispatcher
-                .run(dispatch_shutdown)
+        for lane in 0..config.dispatch.lanes {
+            let dispatcher = Dispatcher::start(Arc::clone(&config), dispatch_metrics.clone(), lane)
                 .await
-                .context("dispatch stage failed")
-        });
+                .with_context(|| format!("failed to start dispatch lane {lane}"))?;
+            let dispatch_shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                dispatcher
+                    .run(dispatch_shutdown)
+                    .await
+                    .with_context(|| format!("dispatch lane {lane} failed"))
+            });
+        }
     }
     let admin = service::start_admin(
         SERVICE,

@@ -72,7 +72,7 @@ async fn outside_json_and_protobuf_events_are_dispatched_and_poison_is_dead_lett
     ctx.create_topics(2).await;
     let mut config = config(&ctx);
     config.dispatch.batch_max_records = 3;
-    let dispatcher = Dispatcher::start(Arc::new(config), DispatchMetrics::default())
+    let dispatcher = Dispatcher::start(Arc::new(config), DispatchMetrics::default(), 0)
         .await
         .unwrap();
     let (trigger, stop) = shutdown::channel();

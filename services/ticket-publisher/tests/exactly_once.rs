@@ -33,6 +33,9 @@ fn dispatcher_env(ctx: &TestContext) -> Vec<(String, String)> {
         ("TRIAGE_DISPATCH__REPLICA_ID".into(), "replica-0".into()),
         // The restarted replica has the same name, as in a StatefulSet: it rejoins at once.
         ("TRIAGE_DISPATCH__STATIC_MEMBERSHIP".into(), "true".into()),
+        // Two lanes: two transactional producers and group members in the one process, each
+        // killed mid-transaction and fenced by its own successor.
+        ("TRIAGE_DISPATCH__LANES".into(), "2".into()),
         ("TRIAGE_DISPATCH__BATCH_MAX_RECORDS".into(), "500".into()),
         ("TRIAGE_DISPATCH__BATCH_MAX_WAIT".into(), "100ms".into()),
         ("TRIAGE_TELEMETRY__LOG_LEVEL".into(), "info".into()),

@@ -22,6 +22,7 @@ pub struct BenchOptions {
     pub rpm: u64,
     pub latency: String,
     pub workers: usize,
+    pub dispatch_lanes: usize,
 }
 
 /// Runs the benchmark and returns its report (also written to target/bench/pipeline.{json,svg}).
@@ -29,6 +30,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Value> {
     let mut pipeline_options = Options::new(Some("bench"));
     pipeline_options.bin_dir = workspace_root().join("target/release");
     pipeline_options.workers = options.workers;
+    pipeline_options.dispatch_lanes = options.dispatch_lanes;
     pipeline_options.partitions = 12;
     pipeline_options.llm = Llm::Simulator {
         rpm: options.rpm,
@@ -116,6 +118,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Value> {
     let report = json!({
         "tickets": options.tickets,
         "rate": options.rate,
+        "workers": options.workers,
+        "dispatch_lanes": options.dispatch_lanes,
         "accepted": accepted.len(),
         "accepted_per_s": accepted.len() as f64 / submit_seconds,
         "accepted_to_llm_request_p50_ms": accepted_to_request.0 * 1000.0,

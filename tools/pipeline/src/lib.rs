@@ -51,6 +51,8 @@ pub struct Options {
     pub isolated: Option<String>,
     pub llm: Llm,
     pub workers: usize,
+    /// ticket-publisher's dispatch lanes (`dispatch.lanes`).
+    pub dispatch_lanes: usize,
     pub partitions: i32,
     /// OTLP/HTTP traces endpoint for every service.
     pub otlp_endpoint: Option<String>,
@@ -69,6 +71,7 @@ impl Options {
                 latency: "lognormal:p50=300,p99=1200".into(),
             },
             workers: 1,
+            dispatch_lanes: 2,
             partitions: 6,
             otlp_endpoint: None,
             alert_window: Duration::from_secs(10),
@@ -264,11 +267,12 @@ impl Pipeline {
             "[ingress]\nhttp_listen = \"127.0.0.1:{http_port}\"\ngrpc_listen = \"127.0.0.1:{grpc_port}\"\n\
              [auth]\nkeys_file = {:?}\n[redis]\nurl = {:?}\nkey_prefix = \"{}ingress:\"\n\
              [topic_provisioning]\npartitions = {partitions}\n\
-             [dispatch]\ngroup_id = {:?}\ntransactional_id = \"dispatch-{run_id}\"\n[dispatch.prompt]\nmodel = {model:?}",
+             [dispatch]\ngroup_id = {:?}\ntransactional_id = \"dispatch-{run_id}\"\nlanes = {}\n[dispatch.prompt]\nmodel = {model:?}",
             keys_file.display().to_string(),
             stack.redis_url,
             names.redis_prefix,
             names.group("ticket-dispatcher"),
+            options.dispatch_lanes,
         );
         let mut worker_toml = String::new();
         common(&mut worker_toml);
@@ -380,7 +384,7 @@ impl Pipeline {
     /// rebalance pending, so a measurement does not start with a join.
     pub async fn wait_for_settled_groups(&self, timeout: Duration) {
         for (group, members) in [
-            ("ticket-dispatcher", 1),
+            ("ticket-dispatcher", self.options.dispatch_lanes),
             ("inference-worker", self.workers.len()),
             ("result-writer", 1),
         ] {

@@ -36,6 +36,9 @@ enum Command {
         latency: String,
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// ticket-publisher's dispatch lanes.
+        #[arg(long, default_value_t = 2)]
+        dispatch_lanes: usize,
     },
     /// Tickets under worker kills, broker/Redis/PostgreSQL restarts and an LLM outage; checks
     /// that nothing is lost and nothing is paid twice beyond what was in flight.
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
                 rpm,
                 latency,
                 workers,
+                dispatch_lanes,
             } => {
                 let report = pipeline::bench::run(pipeline::bench::BenchOptions {
                     tickets,
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
                     rpm,
                     latency,
                     workers,
+                    dispatch_lanes,
                 })
                 .await?;
                 println!("{report}");

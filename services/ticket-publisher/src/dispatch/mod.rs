@@ -147,12 +147,15 @@ struct Outbound {
 
 /// Creates the transactional producer and runs `init_transactions`, which fences any previous
 /// producer with the same `transactional.id` and aborts its open transaction.
-async fn transactional_producer(config: &Config) -> Result<FutureProducer, DispatchError> {
+async fn transactional_producer(
+    config: &Config,
+    lane: usize,
+) -> Result<FutureProducer, DispatchError> {
     let dispatch = &config.dispatch;
-    let transactional_id = dispatch.full_transactional_id();
+    let transactional_id = dispatch.full_transactional_id(lane);
     let producer: FutureProducer = config
         .kafka
-        .producer_config("dispatch-producer")
+        .producer_config(&format!("dispatch-producer-{lane}"))
         .set("transactional.id", &transactional_id)
         .set(
             "transaction.timeout.ms",
@@ -191,28 +194,30 @@ fn is_fenced(error: &KafkaError) -> bool {
     )
 }
 
-/// The running stage's clients and settings.
+/// One lane of the running stage: its clients and settings.
 pub struct Dispatcher {
     consumer: Arc<StreamConsumer>,
     producer: FutureProducer,
+    lane: usize,
     config: Arc<Config>,
     metrics: DispatchMetrics,
 }
 
 impl Dispatcher {
-    /// Creates the clients, subscribes, and fences any previous incarnation of this replica
-    /// (`init_transactions` aborts its open transaction).
+    /// Creates lane `lane`'s clients, subscribes, and fences any previous incarnation of this
+    /// replica's lane (`init_transactions` aborts its open transaction).
     pub async fn start(
         config: Arc<Config>,
         metrics: DispatchMetrics,
+        lane: usize,
     ) -> Result<Self, DispatchError> {
         let dispatch = &config.dispatch;
-        let transactional_id = dispatch.full_transactional_id();
+        let transactional_id = dispatch.full_transactional_id(lane);
         let mut consumer_config = config
             .kafka
-            .consumer_config("dispatch-consumer", &dispatch.group_id);
+            .consumer_config(&format!("dispatch-consumer-{lane}"), &dispatch.group_id);
         if dispatch.static_membership {
-            consumer_config.set("group.instance.id", dispatch.resolved_replica_id());
+            consumer_config.set("group.instance.id", dispatch.group_instance_id(lane));
         }
         let consumer: StreamConsumer =
             consumer_config
@@ -227,8 +232,9 @@ impl Dispatcher {
                 topic: config.topics.tickets_created.clone(),
                 source,
             })?;
-        let producer = transactional_producer(&config).await?;
+        let producer = transactional_producer(&config, lane).await?;
         tracing::info!(
+            lane,
             transactional_id = %transactional_id,
             group_id = %dispatch.group_id,
             topic = %config.topics.tickets_created,
@@ -237,6 +243,7 @@ impl Dispatcher {
         Ok(Dispatcher {
             consumer: Arc::new(consumer),
             producer,
+            lane,
             config,
             metrics,
         })
@@ -255,7 +262,7 @@ impl Dispatcher {
             let first = match first {
                 Ok(message) => message.detach(),
                 Err(error) => {
-                    tracing::warn!(error = %error, "dispatch consumer error");
+                    tracing::warn!(lane = self.lane, error = %error, "dispatch consumer error");
                     continue;
                 }
             };
@@ -281,14 +288,14 @@ impl Dispatcher {
                 match received {
                     Ok(message) => batch.push(message.detach()),
                     Err(error) => {
-                        tracing::warn!(error = %error, "dispatch consumer error");
+                        tracing::warn!(lane = self.lane, error = %error, "dispatch consumer error");
                         break;
                     }
                 }
             }
             self.handle(batch).await?;
         }
-        tracing::info!("dispatch stage stopped");
+        tracing::info!(lane = self.lane, "dispatch stage stopped");
         Ok(())
     }
 
@@ -302,6 +309,7 @@ impl Dispatcher {
                     .transaction_seconds
                     .observe(started.elapsed().as_secs_f64());
                 tracing::debug!(
+                    lane = self.lane,
                     records = batch.len(),
                     tasks,
                     dead_letters,
@@ -318,7 +326,7 @@ impl Dispatcher {
                 if is_fenced(&error) {
                     return Err(DispatchError::Fatal(error));
                 }
-                tracing::warn!(error = %error, records = batch.len(), "dispatch transaction failed; aborting and rewinding");
+                tracing::warn!(lane = self.lane, error = %error, records = batch.len(), "dispatch transaction failed; aborting and rewinding");
                 let producer = self.producer.clone();
                 let aborted = if is_fatal(&error) {
                     Err(error)
@@ -340,13 +348,13 @@ impl Dispatcher {
     /// broker restarted mid-transaction) is replaced; the new one's `init_transactions` aborts
     /// what was open. Retried with backoff while the brokers are unreachable.
     async fn replace_producer(&mut self, cause: KafkaError) -> Result<(), DispatchError> {
-        tracing::warn!(error = %cause, "transactional producer unusable; starting a new one");
-        let config = &self.config;
-        let producer = (|| transactional_producer(config))
+        tracing::warn!(lane = self.lane, error = %cause, "transactional producer unusable; starting a new one");
+        let (config, lane) = (&self.config, self.lane);
+        let producer = (|| transactional_producer(config, lane))
             .retry(while_brokers_recover())
             .when(|error| !matches!(error, DispatchError::Init { source, .. } if is_fenced(source)))
             .notify(|error, delay| {
-                tracing::warn!(error = %error, retry_in = ?delay, "cannot start a new transactional producer yet");
+                tracing::warn!(lane = self.lane, error = %error, retry_in = ?delay, "cannot start a new transactional producer yet");
             })
             .await
             .map_err(|error| match error {
@@ -354,7 +362,7 @@ impl Dispatcher {
                 other => other,
             })?;
         self.producer = producer;
-        tracing::info!("new transactional producer ready");
+        tracing::info!(lane = self.lane, "new transactional producer ready");
         Ok(())
     }
 
@@ -453,7 +461,7 @@ impl Dispatcher {
         .retry(while_brokers_recover())
         .when(|error| !is_fatal(error))
         .notify(|error, delay| {
-            tracing::warn!(error = %error, retry_in = ?delay, "cannot rewind to the committed offsets yet");
+            tracing::warn!(lane = self.lane, error = %error, retry_in = ?delay, "cannot rewind to the committed offsets yet");
         })
         .await
         .map_err(DispatchError::Rewind)
