@@ -6,9 +6,9 @@
 //! ```text
 //!   idle ──first record──▶ filling (≤ batch_max_records, ≤ batch_max_wait)
 //!        ──▶ begin_transaction ─▶ produce every task / dead letter
-//!        ──▶ together: await acknowledgements
-//!                      send_offsets_to_transaction(next offset per partition, group metadata)
-//!        ──▶ commit_transaction ──▶ idle
+//!        ──▶ while they are in flight: send_offsets_to_transaction(next offset per partition,
+//!                                                                   group metadata)
+//!        ──▶ await acknowledgements ──▶ commit_transaction ──▶ idle
 //!   any error ──▶ abort_transaction ─▶ seek every partition back to its committed offset ─▶ idle
 //!   abort impossible (broker restarted mid-transaction) ──▶ new producer, init_transactions, seek back
 //!   fenced by a newer replica with the same transactional.id ──▶ stop with an error
@@ -415,6 +415,9 @@ impl Dispatcher {
         // TxnOffsetCommit overlap the AddPartitionsToTxn/Produce round trips instead of
         // following them (pipeline bench p50 about 1 ms better). Nothing is visible before
         // the commit, and the commit waits for both, so the order changes no guarantee.
+        // One blocking-pool thread sends the offsets, waits for the acknowledgements and
+        // commits: handing the acknowledgements back to this task and the commit to another
+        // blocking call cost two more thread wake-ups per batch.
         let mut offsets = TopicPartitionList::with_capacity(next_offsets.len());
         for ((topic, partition), next) in next_offsets {
             offsets.add_partition_offset(topic, partition, Offset::Offset(next))?;
@@ -424,24 +427,15 @@ impl Dispatcher {
             .group_metadata()
             .ok_or(KafkaError::Global(rdkafka::types::RDKafkaErrorCode::State))?;
         let producer = self.producer.clone();
-        let offsets_sent = blocking(move || {
-            producer.send_offsets_to_transaction(&offsets, &group, TXN_CALL_TIMEOUT)
-        });
-        let acknowledged = async {
+        blocking(move || {
+            producer.send_offsets_to_transaction(&offsets, &group, TXN_CALL_TIMEOUT)?;
             for delivery in deliveries {
-                match delivery.await {
+                match futures::executor::block_on(delivery) {
                     Ok(Ok(_)) => {}
                     Ok(Err((error, _))) => return Err(error),
                     Err(_) => return Err(KafkaError::Canceled),
                 }
             }
-            Ok(())
-        };
-        let (acknowledged, offsets_sent) = tokio::join!(acknowledged, offsets_sent);
-        acknowledged?;
-        offsets_sent?;
-        let producer = self.producer.clone();
-        blocking(move || {
             wait_for_released_deliveries(&producer);
             producer.commit_transaction(TXN_CALL_TIMEOUT)
         })
