@@ -174,7 +174,10 @@ impl WorkerHandler {
 
         // 2 and 3. A paid answer already exists: reuse it. Else take the lease, or wait for
         // whoever holds it.
-        let claim = match self.claim_or_wait(&key).await {
+        // Providers count `max_tokens` against the token budget before the answer exists.
+        let estimated_tokens =
+            estimate_tokens(&task.messages) + u64::from(self.config.llm.max_tokens);
+        let (claim, prepaid) = match self.claim_or_wait(&key, &model, estimated_tokens).await {
             ClaimOutcome::Cached(result) => {
                 self.metrics.cache_hits.inc();
                 tracing::debug!(key = %key, "result cache hit");
@@ -189,14 +192,16 @@ impl WorkerHandler {
                     .await;
             }
             ClaimOutcome::Interrupted => return Disposition::Abandon,
-            ClaimOutcome::Call(claim) => claim,
+            ClaimOutcome::Call { claim, prepaid } => (claim, prepaid),
         };
         let leased = claim == Claim::Leased;
         let protected = claim != Claim::Unprotected;
 
         // 4. Call, keeping the lease alive meanwhile.
         let renewal = leased.then(|| self.spawn_lease_renewal(&key));
-        let outcome = self.call_with_retries(&task, &model, protected).await;
+        let outcome = self
+            .call_with_retries(&task, &model, estimated_tokens, protected, prepaid)
+            .await;
         if let Some(renewal) = renewal {
             renewal.abort();
         }
@@ -275,18 +280,26 @@ impl WorkerHandler {
         }
     }
 
-    /// One round trip in the common case (no cached result, nobody else calling): the cache
-    /// read and the lease are a single Redis script.
-    async fn claim_or_wait(&self, key: &str) -> ClaimOutcome {
+    /// One round trip in the common case (no cached result, nobody else calling, budget to
+    /// spare): the cache read, the lease and the call's budget are a single Redis script. While
+    /// the budget is short, tasks take it in turn in [`Self::take_budget`] instead.
+    async fn claim_or_wait(&self, key: &str, model: &str, estimated_tokens: u64) -> ClaimOutcome {
         let lease_ttl = self.config.cache.lease_ttl;
         let mut waited = false;
         loop {
+            let budget = (!self.budget_short.load(Ordering::Relaxed))
+                .then(|| (model, self.budget_request(estimated_tokens)));
             let claim = match self
-                .with_redis(|| self.store.claim(key, &self.worker_id, lease_ttl))
+                .with_redis(|| self.store.claim(key, &self.worker_id, lease_ttl, budget))
                 .await
             {
                 Ok(Some(claim)) => claim,
-                Ok(None) => return ClaimOutcome::Call(Claim::Unprotected),
+                Ok(None) => {
+                    return ClaimOutcome::Call {
+                        claim: Claim::Unprotected,
+                        prepaid: false,
+                    };
+                }
                 Err(Interrupted) => return ClaimOutcome::Interrupted,
             };
             match claim {
@@ -295,10 +308,18 @@ impl WorkerHandler {
                         Some(result) if waited => ClaimOutcome::ResultAppeared(Box::new(result)),
                         Some(result) => ClaimOutcome::Cached(Box::new(result)),
                         // Overwritten by this task's answer.
-                        None => ClaimOutcome::Call(Claim::Unleased),
+                        None => ClaimOutcome::Call {
+                            claim: Claim::Unleased,
+                            prepaid: false,
+                        },
                     };
                 }
-                redis_store::Claim::Leased => return ClaimOutcome::Call(Claim::Leased),
+                redis_store::Claim::Leased { budget_taken } => {
+                    return ClaimOutcome::Call {
+                        claim: Claim::Leased,
+                        prepaid: budget_taken,
+                    };
+                }
                 redis_store::Claim::HeldElsewhere => {}
             }
             tracing::debug!(
@@ -338,7 +359,9 @@ impl WorkerHandler {
         &self,
         task: &InferenceTask,
         model: &str,
+        estimated_tokens: u64,
         protected: bool,
+        mut prepaid: bool,
     ) -> Outcome {
         let taxonomy = task.taxonomy.clone().unwrap_or_default();
         let response_format = triage::response_format(&taxonomy, self.config.llm.structured_output);
@@ -352,8 +375,6 @@ impl WorkerHandler {
             .with_jitter()
             .without_max_times()
             .build();
-        // Providers count `max_tokens` against the token budget before the answer exists.
-        let estimated_tokens = estimate_tokens(&messages) + u64::from(self.config.llm.max_tokens);
 
         loop {
             if let Admission::Wait(wait) = self.circuit.admit() {
@@ -370,7 +391,7 @@ impl WorkerHandler {
                 }
                 continue;
             }
-            if protected {
+            if protected && !std::mem::take(&mut prepaid) {
                 match self.take_budget(model, estimated_tokens).await {
                     Ok(()) => {}
                     Err(Interrupted) => {
@@ -556,22 +577,27 @@ impl WorkerHandler {
     /// plentiful every task takes its share at once; once it runs short, tasks of this process
     /// queue here in arrival order, so only one of them at a time asks Redis: the budget is
     /// shared across replicas without every waiting task polling Redis.
+    /// One call's share of the configured limits.
+    fn budget_request(&self, tokens: u64) -> BudgetRequest {
+        let limits = &self.config.rate_limit;
+        let per_ms = |per_minute: u32| f64::from(per_minute) * limits.target_utilisation / 60_000.0;
+        let burst_ms = limits.burst.as_secs_f64() * 1000.0;
+        BudgetRequest {
+            requests_per_ms: per_ms(limits.requests_per_minute),
+            request_capacity: (per_ms(limits.requests_per_minute) * burst_ms).max(1.0),
+            tokens_per_ms: per_ms(limits.tokens_per_minute),
+            token_capacity: (per_ms(limits.tokens_per_minute) * burst_ms).max(tokens as f64),
+            tokens,
+        }
+    }
+
     async fn take_budget(&self, model: &str, tokens: u64) -> Result<(), Interrupted> {
         let mut turn = if self.budget_short.load(Ordering::Relaxed) {
             Some(self.budget_queue.lock().await)
         } else {
             None
         };
-        let limits = &self.config.rate_limit;
-        let per_ms = |per_minute: u32| f64::from(per_minute) * limits.target_utilisation / 60_000.0;
-        let burst_ms = limits.burst.as_secs_f64() * 1000.0;
-        let request = BudgetRequest {
-            requests_per_ms: per_ms(limits.requests_per_minute),
-            request_capacity: (per_ms(limits.requests_per_minute) * burst_ms).max(1.0),
-            tokens_per_ms: per_ms(limits.tokens_per_minute),
-            token_capacity: (per_ms(limits.tokens_per_minute) * burst_ms).max(tokens as f64),
-            tokens,
-        };
+        let request = self.budget_request(tokens);
         loop {
             let wait = match self
                 .with_redis(|| self.store.take_budget(model, request))
@@ -829,7 +855,11 @@ enum Claim {
 }
 
 enum ClaimOutcome {
-    Call(Claim),
+    /// Call the model. `prepaid`: the first attempt's rate-limit budget is already taken.
+    Call {
+        claim: Claim,
+        prepaid: bool,
+    },
     /// A result was cached before this task started.
     Cached(Box<InferenceResult>),
     /// Another worker held the lease and its result appeared while this task waited.

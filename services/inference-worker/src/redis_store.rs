@@ -45,16 +45,20 @@ return 0",
     )
 });
 
-/// Cache read and lease in one round trip: the cached result if there is one, else whether the
-/// lease (KEYS[2]) was taken. Atomic, so no result can appear between the read and the lease.
+/// Cache read, lease and (when KEYS[3] is given) the call's rate-limit budget in one round
+/// trip: the cached result if there is one, else whether the lease (KEYS[2]) was taken and, with
+/// it, what the budget said (-1 not asked, 0 taken, else milliseconds to wait; nothing is taken
+/// then). Atomic, so no result can appear between the read and the lease; budget is only taken
+/// for a call that will happen, never for a cache hit.
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+    Script::new(&format!(
+        r"{BUDGET_FN}
 local cached = redis.call('GET', KEYS[1])
-if cached then return {1, cached} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, false} end
-return {0, false}",
-    )
+if cached then return {{1, cached}} end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {{0, false}} end
+if KEYS[3] then return {{2, take_budget(KEYS[3], 2)}} end
+return {{2, -1}}"
+    ))
 });
 
 /// Stores the result (KEYS[1]) and releases our lease (KEYS[2]) in one round trip.
@@ -72,50 +76,53 @@ return 1",
 pub enum Claim {
     /// A result is cached for the key: reuse it.
     Cached(Vec<u8>),
-    /// Nobody had the key; the lease is ours.
-    Leased,
+    /// Nobody had the key; the lease is ours. `budget_taken`: the call's rate-limit budget was
+    /// taken with it (only when asked for and available).
+    Leased { budget_taken: bool },
     /// Another worker holds the lease.
     HeldElsewhere,
 }
 
 /// Two token buckets (requests, tokens) refilled continuously, plus a shared `blocked_until` set
 /// from 429s and exhausted-budget headers. Time is Redis' own clock, so replicas with skewed
-/// clocks still share one budget. Returns 0 when both budgets were taken, else how many
-/// milliseconds to wait before asking again.
-static TAKE_BUDGET: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local blocked = tonumber(redis.call('HGET', KEYS[1], 'blocked_until') or '0')
-if blocked > now then return blocked - now end
-local function level(field, rate, capacity)
-  local value = tonumber(redis.call('HGET', KEYS[1], field) or tostring(capacity))
-  local last = tonumber(redis.call('HGET', KEYS[1], field .. '_at') or tostring(now))
-  return math.min(capacity, value + math.max(0, now - last) * rate)
-end
-local req_rate, req_cap, req_cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tok_rate, tok_cap, tok_cost = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local wait = 0
-local req = 0
-local tok = 0
-if req_rate > 0 then
-  req = level('req', req_rate, req_cap)
-  local need = math.min(req_cost, req_cap)
-  if req < need then wait = math.max(wait, math.ceil((need - req) / req_rate)) end
-end
-if tok_rate > 0 then
-  tok = level('tok', tok_rate, tok_cap)
-  local need = math.min(tok_cost, tok_cap)
-  if tok < need then wait = math.max(wait, math.ceil((need - tok) / tok_rate)) end
-end
-if wait > 0 then return wait end
-if req_rate > 0 then redis.call('HSET', KEYS[1], 'req', req - req_cost, 'req_at', now) end
-if tok_rate > 0 then redis.call('HSET', KEYS[1], 'tok', tok - tok_cost, 'tok_at', now) end
-redis.call('PEXPIRE', KEYS[1], 600000)
-return 0",
-    )
-});
+/// clocks still share one budget. `take_budget(key, a)` reads its six arguments from
+/// ARGV[a+1..a+6] and returns 0 when both budgets were taken, else how many milliseconds to
+/// wait before asking again.
+const BUDGET_FN: &str = r"
+local function take_budget(key, a)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local blocked = tonumber(redis.call('HGET', key, 'blocked_until') or '0')
+  if blocked > now then return blocked - now end
+  local function level(field, rate, capacity)
+    local value = tonumber(redis.call('HGET', key, field) or tostring(capacity))
+    local last = tonumber(redis.call('HGET', key, field .. '_at') or tostring(now))
+    return math.min(capacity, value + math.max(0, now - last) * rate)
+  end
+  local req_rate, req_cap, req_cost = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local tok_rate, tok_cap, tok_cost = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  local wait = 0
+  local req = 0
+  local tok = 0
+  if req_rate > 0 then
+    req = level('req', req_rate, req_cap)
+    local need = math.min(req_cost, req_cap)
+    if req < need then wait = math.max(wait, math.ceil((need - req) / req_rate)) end
+  end
+  if tok_rate > 0 then
+    tok = level('tok', tok_rate, tok_cap)
+    local need = math.min(tok_cost, tok_cap)
+    if tok < need then wait = math.max(wait, math.ceil((need - tok) / tok_rate)) end
+  end
+  if wait > 0 then return wait end
+  if req_rate > 0 then redis.call('HSET', key, 'req', req - req_cost, 'req_at', now) end
+  if tok_rate > 0 then redis.call('HSET', key, 'tok', tok - tok_cost, 'tok_at', now) end
+  redis.call('PEXPIRE', key, 600000)
+  return 0
+end";
+
+static TAKE_BUDGET: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{BUDGET_FN}\nreturn take_budget(KEYS[1], 0)")));
 
 /// Moves `blocked_until` to now + ARGV[1] ms unless it is already later.
 static BLOCK_BUDGET: LazyLock<Script> = LazyLock::new(|| {
@@ -139,6 +146,19 @@ pub struct BudgetRequest {
     pub tokens_per_ms: f64,
     pub token_capacity: f64,
     pub tokens: u64,
+}
+
+impl BudgetRequest {
+    /// The six arguments `take_budget` reads, in its order.
+    fn add_args(&self, invocation: &mut redis::ScriptInvocation<'_>) {
+        invocation
+            .arg(self.requests_per_ms)
+            .arg(self.request_capacity)
+            .arg(1)
+            .arg(self.tokens_per_ms)
+            .arg(self.token_capacity)
+            .arg(self.tokens);
+    }
 }
 
 impl RedisStore {
@@ -168,24 +188,39 @@ impl RedisStore {
     }
 
     /// Reads the cached result for a key or, when there is none, takes its in-flight lease if
-    /// nobody holds it.
+    /// nobody holds it, and with the lease the call's budget from `budget` = (bucket, request)
+    /// if that is available now.
     pub async fn claim(
         &self,
         idempotency_key: &str,
         owner: &str,
         lease_ttl: Duration,
+        budget: Option<(&str, BudgetRequest)>,
     ) -> Result<Claim, StoreError> {
         let mut connection = self.connection.clone();
-        let (found, cached): (i64, Option<Vec<u8>>) = CLAIM
-            .key(self.key("result", idempotency_key))
+        let mut invocation = CLAIM.key(self.key("result", idempotency_key));
+        invocation
             .key(self.key("lease", idempotency_key))
             .arg(owner)
-            .arg(lease_ttl.as_millis() as u64)
-            .invoke_async(&mut connection)
-            .await?;
+            .arg(lease_ttl.as_millis() as u64);
+        if let Some((bucket, request)) = budget {
+            invocation.key(self.key("ratelimit", bucket));
+            request.add_args(&mut invocation);
+        }
+        let (found, cached, budget_wait): (i64, Option<Vec<u8>>, i64) = {
+            let (found, payload): (i64, redis::Value) =
+                invocation.invoke_async(&mut connection).await?;
+            match (found, payload) {
+                (1, redis::Value::BulkString(bytes)) => (1, Some(bytes), -1),
+                (2, redis::Value::Int(wait)) => (2, None, wait),
+                (found, _) => (found, None, -1),
+            }
+        };
         Ok(match (found, cached) {
             (1, Some(bytes)) => Claim::Cached(bytes),
-            (2, _) => Claim::Leased,
+            (2, _) => Claim::Leased {
+                budget_taken: budget_wait == 0,
+            },
             _ => Claim::HeldElsewhere,
         })
     }
@@ -249,16 +284,9 @@ impl RedisStore {
         request: BudgetRequest,
     ) -> Result<Option<Duration>, StoreError> {
         let mut connection = self.connection.clone();
-        let wait_ms: i64 = TAKE_BUDGET
-            .key(self.key("ratelimit", bucket))
-            .arg(request.requests_per_ms)
-            .arg(request.request_capacity)
-            .arg(1)
-            .arg(request.tokens_per_ms)
-            .arg(request.token_capacity)
-            .arg(request.tokens)
-            .invoke_async(&mut connection)
-            .await?;
+        let mut invocation = TAKE_BUDGET.key(self.key("ratelimit", bucket));
+        request.add_args(&mut invocation);
+        let wait_ms: i64 = invocation.invoke_async(&mut connection).await?;
         Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms as u64)))
     }
 
