@@ -207,19 +207,12 @@ impl RedisStore {
             invocation.key(self.key("ratelimit", bucket));
             request.add_args(&mut invocation);
         }
-        let (found, cached, budget_wait): (i64, Option<Vec<u8>>, i64) = {
-            let (found, payload): (i64, redis::Value) =
-                invocation.invoke_async(&mut connection).await?;
-            match (found, payload) {
-                (1, redis::Value::BulkString(bytes)) => (1, Some(bytes), -1),
-                (2, redis::Value::Int(wait)) => (2, None, wait),
-                (found, _) => (found, None, -1),
-            }
-        };
-        Ok(match (found, cached) {
-            (1, Some(bytes)) => Claim::Cached(bytes),
-            (2, _) => Claim::Leased {
-                budget_taken: budget_wait == 0,
+        let (found, payload): (i64, redis::Value) =
+            invocation.invoke_async(&mut connection).await?;
+        Ok(match (found, payload) {
+            (1, redis::Value::BulkString(bytes)) => Claim::Cached(bytes),
+            (2, budget_wait) => Claim::Leased {
+                budget_taken: budget_wait == redis::Value::Int(0),
             },
             _ => Claim::HeldElsewhere,
         })
