@@ -74,8 +74,13 @@ kafka_install() {
 # (GC log under the pipeline bench), and every ticket in flight then waited; those pauses were
 # the pipeline's p99. ZGC's pauses stay under a millisecond. A fixed heap (Xms = Xmx) avoids
 # resizing. KAFKA_GC_LOG=FILE writes the broker's GC log there.
-KAFKA_BROKER_JVM_OPTS=("-Xms$KAFKA_HEAP" "-Xmx$KAFKA_HEAP" -XX:+UseZGC
-  ${KAFKA_GC_LOG:+"-Xlog:gc:file=$KAFKA_GC_LOG"})
+# A JVM without ZGC falls back to G1 with short pause goals.
+kafka_broker_jvm_opts() {
+  local gc=(-XX:+UseZGC)
+  java -XX:+UseZGC -version >/dev/null 2>&1 || gc=(-XX:+UseG1GC -XX:MaxGCPauseMillis=20)
+  KAFKA_BROKER_JVM_OPTS=("-Xms$KAFKA_HEAP" "-Xmx$KAFKA_HEAP" "${gc[@]}"
+    ${KAFKA_GC_LOG:+"-Xlog:gc:file=$KAFKA_GC_LOG"})
+}
 # The command-line tools (storage format, topic listing) run briefly: a small default heap.
 KAFKA_JVM_OPTS=(-Djava.awt.headless=true
   "-Dlog4j2.configurationFile=$KAFKA_DIR/log4j2.properties" "-Dkafka.logs.dir=$KAFKA_DIR/logs")
@@ -144,6 +149,7 @@ kafka_up() {
   kafka_install
   kafka_configure
   log "starting Kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT"
+  kafka_broker_jvm_opts
   (exec nohup java "${KAFKA_BROKER_JVM_OPTS[@]}" "${KAFKA_JVM_OPTS[@]}" -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_DIR/server.properties" \
     >"$KAFKA_DIR/logs/stdout.log" 2>&1) &
   echo $! >"$KAFKA_PID"
