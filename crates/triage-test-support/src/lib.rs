@@ -13,7 +13,10 @@ use std::{
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::OnceLock,
+    sync::{
+        OnceLock,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -332,8 +335,38 @@ where
     }
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that nothing listens on, for a child process to bind.
+///
+/// Not port 0's answer: the kernel picks that from its ephemeral range, the same range it hands
+/// out to outgoing connections, and every Kafka, Redis and PostgreSQL client in a test opens
+/// dozens of those. Between this check and the child's own bind, one of them can take the port
+/// (CI saw "Address already in use" from exactly that). Ports just below the ephemeral range are
+/// only ever taken by an explicit bind, so they are chosen from there: a counter keeps one
+/// process from handing a port out twice, and the start depends on the process id so that two
+/// harnesses running side by side walk different stretches.
 pub fn free_port() -> u16 {
+    const SPAN: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_start < SPAN + 1024 {
+        return ephemeral_port();
+    }
+    let base = ephemeral_start - SPAN;
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        let port = (base + offset) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    ephemeral_port()
+}
+
+fn ephemeral_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
