@@ -43,4 +43,7 @@ for patch in patches/*.patch; do
   echo "applying $patch"
   patch --quiet --strip=0 --directory="$DEST" --forward <"$patch"
 done
+# rdkafka-sys's build.rs copies librdkafka into its OUT_DIR once and reuses that copy, so a
+# changed source here would not be compiled until the old build output is gone.
+(cd .. && cargo clean --quiet -p rdkafka-sys && cargo clean --quiet --release -p rdkafka-sys)
 echo "vendor/$DEST is rdkafka-sys $VERSION with $(ls patches/*.patch | wc -l) patch(es)"

@@ -2029,6 +2029,15 @@ static void rd_kafka_toppar_pause_resume(rd_kafka_toppar_t *rktp,
                                 rd_kafka_toppar_next_offset_handle(
                                     rktp, rktp->rktp_next_fetch_start);
 
+                        /* Wake-up the broker thread, which idles on IO while
+                         * it has nothing to fetch: otherwise the resumed
+                         * partition is fetched at its next periodic wake-up,
+                         * up to a second later. */
+                        if (!RD_KAFKA_TOPPAR_IS_PAUSED(rktp) &&
+                            rktp->rktp_broker)
+                                rd_kafka_broker_wakeup(rktp->rktp_broker,
+                                                       "resume");
+
                 } else
                         rd_kafka_dbg(
                             rk, TOPIC, pause ? "PAUSE" : "RESUME",
