@@ -573,10 +573,6 @@ impl WorkerHandler {
         })
     }
 
-    /// Waits for shared rate-limit budget; fetching pauses while there is none. While budget is
-    /// plentiful every task takes its share at once; once it runs short, tasks of this process
-    /// queue here in arrival order, so only one of them at a time asks Redis: the budget is
-    /// shared across replicas without every waiting task polling Redis.
     /// One call's share of the configured limits.
     fn budget_request(&self, tokens: u64) -> BudgetRequest {
         let limits = &self.config.rate_limit;
@@ -591,6 +587,10 @@ impl WorkerHandler {
         }
     }
 
+    /// Waits for shared rate-limit budget; fetching pauses while there is none. While budget is
+    /// plentiful every task takes its share at once; once it runs short, tasks of this process
+    /// queue here in arrival order, so only one of them at a time asks Redis: the budget is
+    /// shared across replicas without every waiting task polling Redis.
     async fn take_budget(&self, model: &str, tokens: u64) -> Result<(), Interrupted> {
         let mut turn = if self.budget_short.load(Ordering::Relaxed) {
             Some(self.budget_queue.lock().await)
