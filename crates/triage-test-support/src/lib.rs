@@ -377,7 +377,9 @@ fn ephemeral_port() -> u16 {
 /// A service binary running as a child process, killed when dropped.
 pub struct ServiceProcess {
     name: String,
-    child: Child,
+    /// Behind a lock so that a pipeline shared between tasks can still ask whether its
+    /// services are alive (`try_wait` needs `&mut`); never held across an await.
+    child: std::sync::Mutex<Child>,
     pub admin_port: u16,
     log_path: PathBuf,
 }
@@ -403,14 +405,37 @@ impl ServiceProcess {
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
         ServiceProcess {
             name,
-            child,
+            child: std::sync::Mutex::new(child),
             admin_port,
             log_path,
         }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.lock_child().id()
+    }
+
+    fn lock_child(&self) -> std::sync::MutexGuard<'_, Child> {
+        self.child
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// How the process ended, if it has; `None` while it runs.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.lock_child().try_wait().ok().flatten()
+    }
+
+    /// An error naming the service, how it ended and its log, once it is no longer running.
+    pub fn ensure_running(&self) -> Result<(), String> {
+        match self.exit_status() {
+            None => Ok(()),
+            Some(status) => Err(format!(
+                "{} exited with {status}:\n{}",
+                self.name,
+                self.log()
+            )),
+        }
     }
 
     pub fn admin_url(&self, path: &str) -> String {
@@ -428,7 +453,7 @@ impl ServiceProcess {
         let url = self.admin_url("/readyz");
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(status) = self.exit_status() {
                 panic!(
                     "{} exited with {status} before it was ready:\n{}",
                     self.name,
@@ -459,21 +484,17 @@ impl ServiceProcess {
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
+            .arg(self.pid().to_string())
             .status()
             .expect("run kill");
-        assert!(
-            status.success(),
-            "kill -{signal} {} failed",
-            self.child.id()
-        );
+        assert!(status.success(), "kill -{signal} {} failed", self.pid());
     }
 
     /// Waits for the process to exit, or panics after `timeout`.
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
+            if let Some(status) = self.lock_child().try_wait().expect("try_wait") {
                 return status;
             }
             if Instant::now() >= deadline {
@@ -504,8 +525,12 @@ impl ServiceProcess {
 
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let child = self
+            .child
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -658,5 +683,96 @@ pub async fn produce(topic: &str, partition: Option<i32>, records: &[(String, Ve
             .send(record, Duration::from_secs(10))
             .await
             .unwrap_or_else(|(error, _)| panic!("produce to {topic}: {error}"));
+    }
+}
+
+/// The machine's CPU time counters (the `cpu` line of /proc/stat), so that a benchmark can
+/// report how much CPU time the hypervisor kept for other guests during its run ("steal").
+///
+/// On the development VM the same binaries measured twice as slow while steal was 10–40 % under
+/// load as while it was 0 %: a latency or CPU figure means little without it.
+#[derive(Clone, Copy, Debug)]
+pub struct MachineCpu {
+    steal: u64,
+    total: u64,
+}
+
+impl MachineCpu {
+    /// `None` where /proc/stat does not exist or says something else.
+    pub fn sample() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().find(|line| line.starts_with("cpu "))?;
+        // user nice system idle iowait irq softirq steal (guest time is already in user)
+        let ticks: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|field| field.parse().ok())
+            .collect::<Option<_>>()?;
+        (ticks.len() == 8).then(|| MachineCpu {
+            steal: ticks[7],
+            total: ticks.iter().sum(),
+        })
+    }
+
+    /// The share of all CPU time since `earlier` that was stolen, 0.0 to 1.0.
+    pub fn steal_share_since(&self, earlier: &MachineCpu) -> Option<f64> {
+        let total = self.total.checked_sub(earlier.total)?;
+        let steal = self.steal.checked_sub(earlier.steal)?;
+        (total > 0).then(|| steal as f64 / total as f64)
+    }
+}
+
+/// The steal share from `start` to now, for a benchmark report (`null` where unknown).
+pub fn steal_share_since(start: Option<MachineCpu>) -> Option<f64> {
+    MachineCpu::sample()?.steal_share_since(&start?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_service_that_died_is_named_with_how_it_ended_and_its_log() {
+        let process = ServiceProcess::spawn(
+            Path::new("/bin/sh"),
+            &["-c", "echo 'about to fail'; exit 3"],
+            &[],
+        );
+        wait_until("the process to exit", Duration::from_secs(10), || async {
+            process.exit_status()
+        })
+        .await;
+        let error = process.ensure_running().unwrap_err();
+        assert!(
+            error.starts_with("sh exited with exit status: 3"),
+            "{error}"
+        );
+        assert!(error.contains("about to fail"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_running_service_passes() {
+        let process = ServiceProcess::spawn(Path::new("/bin/sleep"), &["30"], &[]);
+        assert_eq!(process.ensure_running(), Ok(()));
+    }
+
+    #[test]
+    fn steal_share_is_the_stolen_part_of_all_cpu_time_between_samples() {
+        let earlier = MachineCpu {
+            steal: 10,
+            total: 1_000,
+        };
+        let later = MachineCpu {
+            steal: 60,
+            total: 1_500,
+        };
+        assert_eq!(later.steal_share_since(&earlier), Some(0.1));
+        assert_eq!(earlier.steal_share_since(&later), None);
+        assert_eq!(earlier.steal_share_since(&earlier), None);
+        assert!(
+            MachineCpu::sample().is_some(),
+            "/proc/stat is readable here"
+        );
     }
 }

@@ -19,7 +19,8 @@ use rdkafka::Message;
 use triage_proto::v1::InferenceResult;
 use triage_runtime::{config::KafkaConfig, kafka::producer::ContractProducer};
 use triage_test_support::{
-    ServiceProcess, Stack, TestContext, consumer, free_port, workspace_root,
+    MachineCpu, ServiceProcess, Stack, TestContext, consumer, free_port, steal_share_since,
+    workspace_root,
 };
 
 /// The worker tests' fixtures: the bench publishes the same tasks the tests do.
@@ -140,6 +141,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let mut worker = ServiceProcess::spawn(&worker_binary, &[], &env);
     worker.wait_ready(Duration::from_secs(60)).await;
     let cpu_at_start = cpu_seconds(worker.pid());
+    let machine_at_start = MachineCpu::sample();
 
     let started = Instant::now();
     let mut seen = HashSet::new();
@@ -155,6 +157,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         }
     }
     let cpu = cpu_seconds(worker.pid()) - cpu_at_start;
+    let steal_share = steal_share_since(machine_at_start);
     // The worker's own view (rate-limit waits, latencies), kept beside the report.
     let worker_metrics = reqwest::get(worker.admin_url("/metrics"))
         .await?
@@ -194,6 +197,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "worker_cpu_seconds": cpu,
         "cpu_us_per_task": cpu * 1e6 / args.tasks as f64,
         "peak_rss_mib": peak_rss_kib as f64 / 1024.0,
+        "cpu_steal_share": steal_share,
     });
     println!("{report}");
     Ok(())

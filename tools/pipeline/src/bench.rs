@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::bail;
 use serde_json::{Value, json};
-use triage_test_support::workspace_root;
+use triage_test_support::{MachineCpu, steal_share_since, workspace_root};
 
 use crate::{Llm, Options, Pipeline};
 
@@ -42,6 +42,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Value> {
         .wait_for_settled_groups(Duration::from_secs(120))
         .await;
     let started = Instant::now();
+    let machine_at_start = MachineCpu::sample();
     let accepted: Arc<Mutex<Vec<(String, f64)>>> = Arc::default();
     let mut submissions = Vec::with_capacity(options.tickets);
     let interval = Duration::from_secs_f64(1.0 / options.rate);
@@ -82,6 +83,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Value> {
         - started.elapsed().as_secs_f64();
     let mut done: BTreeMap<String, f64> = BTreeMap::new();
     while done.len() < accepted.len() {
+        pipeline.ensure_running()?;
         if Instant::now() > deadline {
             bail!("only {} of {} tickets triaged", done.len(), accepted.len());
         }
@@ -101,6 +103,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Value> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let total_seconds = started.elapsed().as_secs_f64();
+    let steal_share = steal_share_since(machine_at_start);
     let metrics = scrape_all(&pipeline).await;
     let stats = pipeline.sim_stats().await?;
     let accepted_to_request = quantiles(&metrics, "triage_accepted_to_llm_request_seconds");
@@ -135,6 +138,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Value> {
         "paid_duplicates": paid_duplicates,
         "lost": accepted.len() - done.len(),
         "seconds": total_seconds,
+        "cpu_steal_share": steal_share,
     });
     let out_dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
@@ -153,9 +157,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Value> {
 /// The report as a markdown table row (with its header).
 pub fn markdown(report: &Value) -> String {
     format!(
-        "| accepted/s | accepted→LLM request p50 / p99 | end to end p50 / p99 | share of LLM limit | dead letters | paid duplicates | lost |\n\
-         |---|---|---|---|---|---|---|\n\
-         | {:.0} | {:.1} ms / {:.1} ms | {:.0} ms / {:.0} ms | {:.1} % | {} | {} | {} |",
+        "| accepted/s | accepted→LLM request p50 / p99 | end to end p50 / p99 | share of LLM limit | dead letters | paid duplicates | lost | CPU steal |\n\
+         |---|---|---|---|---|---|---|---|\n\
+         | {:.0} | {:.1} ms / {:.1} ms | {:.0} ms / {:.0} ms | {:.1} % | {} | {} | {} | {} |",
         report["accepted_per_s"].as_f64().unwrap_or(0.0),
         report["accepted_to_llm_request_p50_ms"]
             .as_f64()
@@ -169,6 +173,10 @@ pub fn markdown(report: &Value) -> String {
         report["dead_letters"],
         report["paid_duplicates"],
         report["lost"],
+        report["cpu_steal_share"].as_f64().map_or_else(
+            || "unknown".to_owned(),
+            |share| format!("{:.1} %", share * 100.0)
+        ),
     )
 }
 

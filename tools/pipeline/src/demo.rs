@@ -165,6 +165,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
     let mut last_lag = Instant::now();
     let mut done: HashSet<String> = HashSet::new();
     loop {
+        pipeline.ensure_running()?;
         for (ticket_id, subject) in &pending {
             if done.contains(ticket_id) {
                 continue;

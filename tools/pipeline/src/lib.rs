@@ -393,6 +393,25 @@ impl Pipeline {
         }
     }
 
+    /// An error naming the first service (or llm-sim) that is no longer running, with its log:
+    /// a loop waiting for tickets to be triaged calls it so that a crash ends the run at once
+    /// instead of at the loop's deadline.
+    pub fn ensure_running(&self) -> anyhow::Result<()> {
+        let services = [
+            &self.publisher,
+            &self.writer,
+            &self.alerter,
+            &self.autoscaler,
+        ]
+        .into_iter()
+        .chain(&self.workers)
+        .chain(&self.sim);
+        for service in services {
+            service.ensure_running().map_err(anyhow::Error::msg)?;
+        }
+        Ok(())
+    }
+
     /// `POST /v1/tickets`; the status and the JSON answer (202 body or problem details).
     pub async fn submit(
         &self,
