@@ -26,7 +26,8 @@ die() { printf 'stack: error: %s\n' "$*" >&2; exit 1; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# wait_for DESCRIPTION SECONDS COMMAND...: polls COMMAND until it succeeds or the deadline passes.
+# wait_for STATE SECONDS COMMAND...: polls COMMAND until it succeeds or the deadline passes, then
+# logs STATE ("kafka is up").
 wait_for() {
   local what=$1 seconds=$2; shift 2
   local deadline=$((SECONDS + seconds))
@@ -36,7 +37,7 @@ wait_for() {
     fi
     sleep 0.3
   done
-  log "$what is up"
+  log "$what"
 }
 
 as_root_or_sudo() {
@@ -155,7 +156,7 @@ kafka_up() {
   echo $! >"$KAFKA_PID"
   # Every test makes its own topics, so a developer's broker collects thousands of partitions,
   # and loading them at start takes minutes: slow is not failed. `wipe` clears them.
-  wait_for "kafka" 300 kafka_ready \
+  wait_for "kafka is up" 300 kafka_ready \
     || die "Kafka did not start; see $KAFKA_DIR/logs/ (many leftover test topics? deploy/stack.sh wipe)"
 }
 
@@ -192,7 +193,7 @@ redis_up() {
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes --pidfile "$REDIS_PID" \
     --dir "$REDIS_DIR" --logfile "$REDIS_DIR/redis.log" --appendonly yes --appendfsync everysec \
     --save "" --protected-mode no
-  wait_for "redis" 20 redis-cli -p "$REDIS_PORT" ping || die "Redis did not start; see $REDIS_DIR/redis.log"
+  wait_for "redis is up" 20 redis-cli -p "$REDIS_PORT" ping || die "Redis did not start; see $REDIS_DIR/redis.log"
 }
 
 redis_down() {
@@ -203,7 +204,7 @@ redis_down() {
   local pid
   pid=$(cat "$REDIS_PID")
   redis-cli -p "$REDIS_PORT" shutdown >/dev/null 2>&1 || true
-  wait_for "redis shutdown" 10 bash -c "! kill -0 $pid" || true
+  wait_for "redis stopped" 10 bash -c "! kill -0 $pid" || true
 }
 
 redis_kill() { pid_alive "$REDIS_PID" && kill -9 "$(cat "$REDIS_PID")" || true; }
@@ -253,7 +254,7 @@ pg_up() {
   as_pg "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w -t 60 start \
     -o "-c listen_addresses=127.0.0.1 -p $POSTGRES_PORT -k $PG_DIR -c max_connections=300" >/dev/null \
     || die "PostgreSQL did not start; see $PG_DIR/postgres.log"
-  wait_for "postgres" 30 "$bin/pg_isready" -h 127.0.0.1 -p "$POSTGRES_PORT" || die "PostgreSQL is not ready"
+  wait_for "postgres is up" 30 "$bin/pg_isready" -h 127.0.0.1 -p "$POSTGRES_PORT" || die "PostgreSQL is not ready"
   if ! psql -h 127.0.0.1 -p "$POSTGRES_PORT" -U postgres -tAc "select 1 from pg_roles where rolname='triage'" | grep -q 1; then
     psql -h 127.0.0.1 -p "$POSTGRES_PORT" -U postgres -qc "create role triage login createdb" >/dev/null
     psql -h 127.0.0.1 -p "$POSTGRES_PORT" -U postgres -qc "create database triage owner triage" >/dev/null
