@@ -415,6 +415,11 @@ impl ServiceProcess {
         self.lock_child().id()
     }
 
+    /// The binary's file name (`inference-worker`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     fn lock_child(&self) -> std::sync::MutexGuard<'_, Child> {
         self.child
             .lock()
@@ -491,7 +496,7 @@ impl ServiceProcess {
     }
 
     /// Waits for the process to exit, or panics after `timeout`.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+    pub async fn wait_exit(&self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.lock_child().try_wait().expect("try_wait") {

@@ -27,7 +27,7 @@ async fn kill_9_with_tasks_in_flight_loses_nothing_and_pays_twice_at_most_what_w
     publish(&context, &batch).await;
     let env = worker_env(&context, &sim, "3s");
 
-    let mut worker = ServiceProcess::spawn(BINARY.as_ref(), &[], &env);
+    let worker = ServiceProcess::spawn(BINARY.as_ref(), &[], &env);
     wait_until("64 calls in flight", DEADLINE, || async {
         (sim.state.stats().report().requests_total >= 64).then_some(())
     })

@@ -439,7 +439,7 @@ async fn scales_up_on_lag_capped_at_partitions_and_down_after_the_stabilisation_
     stop(setup).await;
 }
 
-async fn stop(mut setup: Setup) {
+async fn stop(setup: Setup) {
     setup.process.signal("TERM");
     let status = setup.process.wait_exit(Duration::from_secs(5)).await;
     assert!(status.success(), "{}", setup.process.log());

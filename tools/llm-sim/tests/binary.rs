@@ -13,7 +13,7 @@ const BINARY: &str = env!("CARGO_BIN_EXE_llm-sim");
 async fn binary_serves_its_flags_and_says_it_is_a_simulator() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut process = ServiceProcess::spawn(
+    let process = ServiceProcess::spawn(
         Path::new(BINARY),
         &[
             "--listen",

@@ -393,11 +393,9 @@ impl Pipeline {
         }
     }
 
-    /// An error naming the first service (or llm-sim) that is no longer running, with its log:
-    /// a loop waiting for tickets to be triaged calls it so that a crash ends the run at once
-    /// instead of at the loop's deadline.
-    pub fn ensure_running(&self) -> anyhow::Result<()> {
-        let services = [
+    /// The five services' processes, every worker included (llm-sim is not one of them).
+    fn services(&self) -> impl Iterator<Item = &ServiceProcess> {
+        [
             &self.publisher,
             &self.writer,
             &self.alerter,
@@ -405,8 +403,13 @@ impl Pipeline {
         ]
         .into_iter()
         .chain(&self.workers)
-        .chain(&self.sim);
-        for service in services {
+    }
+
+    /// An error naming the first service (or llm-sim) that is no longer running, with its log:
+    /// a loop waiting for tickets to be triaged calls it so that a crash ends the run at once
+    /// instead of at the loop's deadline.
+    pub fn ensure_running(&self) -> anyhow::Result<()> {
+        for service in self.services().chain(&self.sim) {
             service.ensure_running().map_err(anyhow::Error::msg)?;
         }
         Ok(())
@@ -524,38 +527,29 @@ impl Pipeline {
             .to_string()
     }
 
-    pub fn admin_urls(&self) -> Vec<(&'static str, String)> {
-        let mut urls = vec![
-            ("ticket-publisher", self.publisher.admin_url("")),
-            ("result-writer", self.writer.admin_url("")),
-            ("dlq-alerter", self.alerter.admin_url("")),
-            ("lag-autoscaler", self.autoscaler.admin_url("")),
-        ];
-        for worker in &self.workers {
-            urls.push(("inference-worker", worker.admin_url("")));
-        }
-        urls
+    /// Each service's name and admin base URL, workers once each.
+    pub fn admin_urls(&self) -> Vec<(&str, String)> {
+        self.services()
+            .map(|service| (service.name(), service.admin_url("")))
+            .collect()
     }
 
     /// SIGTERM to every service, then waits for each to exit (flushing spans and offsets).
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        let mut processes: Vec<&mut ServiceProcess> = vec![
-            &mut self.publisher,
-            &mut self.writer,
-            &mut self.alerter,
-            &mut self.autoscaler,
-        ];
-        processes.extend(self.workers.iter_mut());
-        for process in &processes {
+    pub async fn stop(self) -> anyhow::Result<()> {
+        for process in self.services() {
             process.signal("TERM");
         }
-        for process in processes {
+        for process in self.services() {
             let status = process.wait_exit(Duration::from_secs(40)).await;
             if !status.success() {
-                bail!("a service exited with {status}:\n{}", process.log());
+                bail!(
+                    "{} exited with {status}:\n{}",
+                    process.name(),
+                    process.log()
+                );
             }
         }
-        if let Some(sim) = self.sim.as_mut() {
+        if let Some(sim) = &self.sim {
             sim.signal("TERM");
             sim.wait_exit(Duration::from_secs(10)).await;
         }
