@@ -453,17 +453,13 @@ impl ServiceProcess {
     }
 
     /// Waits until `/readyz` answers 200.
-    pub async fn wait_ready(&mut self, timeout: Duration) {
+    pub async fn wait_ready(&self, timeout: Duration) {
         let client = reqwest::Client::new();
         let url = self.admin_url("/readyz");
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.exit_status() {
-                panic!(
-                    "{} exited with {status} before it was ready:\n{}",
-                    self.name,
-                    self.log()
-                );
+            if let Err(death) = self.ensure_running() {
+                panic!("before it was ready, {death}");
             }
             if let Ok(response) = client
                 .get(&url)
@@ -557,7 +553,7 @@ pub async fn assert_starts_ready_and_exits_zero_on_sigterm(
     service: &str,
     env: &[(String, String)],
 ) {
-    let mut process = ServiceProcess::spawn(binary.as_ref(), &[], env);
+    let process = ServiceProcess::spawn(binary.as_ref(), &[], env);
     process.wait_ready(Duration::from_secs(30)).await;
     let metrics = reqwest::get(process.admin_url("/metrics"))
         .await

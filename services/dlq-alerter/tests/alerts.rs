@@ -106,7 +106,7 @@ async fn alerts_carry_every_field_redacted_and_never_a_secret() {
         ("TRIAGE_ALERTS__EXCERPT_CHARS".to_owned(), "120".to_owned()),
         ("RUST_LOG".to_owned(), "debug".to_owned()),
     ]);
-    let mut process = ServiceProcess::spawn(BINARY.as_ref(), &[], &env);
+    let process = ServiceProcess::spawn(BINARY.as_ref(), &[], &env);
     process.wait_ready(DEADLINE).await;
 
     wait_until("3 alerts on each output", DEADLINE, || async {

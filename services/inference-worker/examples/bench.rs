@@ -138,7 +138,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .map(|(k, v)| (k.to_owned(), v)),
     );
     let worker_binary: PathBuf = bin_dir.join("inference-worker");
-    let mut worker = ServiceProcess::spawn(&worker_binary, &[], &env);
+    let worker = ServiceProcess::spawn(&worker_binary, &[], &env);
     worker.wait_ready(Duration::from_secs(60)).await;
     let cpu_at_start = cpu_seconds(worker.pid());
     let machine_at_start = MachineCpu::sample();

@@ -45,7 +45,7 @@ async fn kill_9_with_tasks_in_flight_loses_nothing_and_pays_twice_at_most_what_w
     let cached = cached_results(&context.redis_prefix).await;
     let in_flight_at_kill = started - cached;
 
-    let mut restarted = ServiceProcess::spawn(BINARY.as_ref(), &[], &env);
+    let restarted = ServiceProcess::spawn(BINARY.as_ref(), &[], &env);
     restarted.wait_ready(DEADLINE).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     let mut reused_from_cache = 0u64;

@@ -287,7 +287,7 @@ cooldown = "1s"
     )
     .unwrap();
 
-    let mut process = ServiceProcess::spawn(
+    let process = ServiceProcess::spawn(
         BINARY.as_ref(),
         &["--config", config_path.to_str().unwrap()],
         &[

@@ -106,7 +106,7 @@ async fn kill_9_mid_batch_then_restart_gives_exactly_one_task_per_event() {
     let env = dispatcher_env(&ctx);
     let mut in_log = 0;
     for _ in 0..KILLS {
-        let mut doomed = ServiceProcess::spawn(BINARY.as_ref(), &[], &env);
+        let doomed = ServiceProcess::spawn(BINARY.as_ref(), &[], &env);
         doomed.wait_ready(Duration::from_secs(30)).await;
         // As soon as it writes tasks, kill it: with a backlog the stage is inside a transaction
         // nearly all the time.
@@ -117,7 +117,7 @@ async fn kill_9_mid_batch_then_restart_gives_exactly_one_task_per_event() {
         doomed.wait_exit(Duration::from_secs(5)).await;
     }
 
-    let mut second = ServiceProcess::spawn(BINARY.as_ref(), &[], &env);
+    let second = ServiceProcess::spawn(BINARY.as_ref(), &[], &env);
     second.wait_ready(Duration::from_secs(30)).await;
     let committed = consumer(&ctx.topics.inference_tasks);
     let tasks = read_records(&committed, EVENTS, Duration::from_secs(60)).await;

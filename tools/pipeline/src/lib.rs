@@ -344,22 +344,14 @@ impl Pipeline {
             std::fs::write(run_dir.join(format!("{service}.toml")), toml)?;
         }
         let spawn = |service: &str| spawn_service(&options.bin_dir, &run_dir, service);
-        let mut publisher = spawn("ticket-publisher");
-        let mut writer = spawn("result-writer");
-        let mut alerter = spawn("dlq-alerter");
-        let mut autoscaler = spawn("lag-autoscaler");
-        let mut workers: Vec<ServiceProcess> = (0..options.workers)
+        let publisher = spawn("ticket-publisher");
+        let writer = spawn("result-writer");
+        let alerter = spawn("dlq-alerter");
+        let autoscaler = spawn("lag-autoscaler");
+        let workers: Vec<ServiceProcess> = (0..options.workers)
             .map(|_| spawn("inference-worker"))
             .collect();
-        let ready = Duration::from_secs(60);
-        publisher.wait_ready(ready).await;
-        writer.wait_ready(ready).await;
-        alerter.wait_ready(ready).await;
-        autoscaler.wait_ready(ready).await;
-        for worker in &mut workers {
-            worker.wait_ready(ready).await;
-        }
-        Ok(Pipeline {
+        let pipeline = Pipeline {
             names,
             tenant,
             api_key,
@@ -377,7 +369,11 @@ impl Pipeline {
             alerter,
             autoscaler,
             http: reqwest::Client::new(),
-        })
+        };
+        for service in pipeline.services() {
+            service.wait_ready(Duration::from_secs(60)).await;
+        }
+        Ok(pipeline)
     }
 
     /// Waits until the dispatch, worker and result-writer groups have every member and no
@@ -514,7 +510,7 @@ impl Pipeline {
 
     /// Starts worker `index` again (after a kill) and waits until it is ready.
     pub async fn restart_worker(&mut self, index: usize) {
-        let mut worker = spawn_service(&self.options.bin_dir, &self.run_dir, "inference-worker");
+        let worker = spawn_service(&self.options.bin_dir, &self.run_dir, "inference-worker");
         worker.wait_ready(Duration::from_secs(60)).await;
         self.workers[index] = worker;
     }
