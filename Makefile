@@ -35,6 +35,7 @@ fmt:
 	$(CARGO) fmt --all
 
 lint:
+	@deploy/check-target-paths.sh
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
@@ -58,5 +59,4 @@ bench: stack-up
 
 # Restarts the shared broker, Redis and PostgreSQL: run it alone. CHAOS_ARGS e.g. --tickets 5000.
 chaos: stack-up
-	cargo build --workspace --bins --quiet
-	target/debug/pipeline chaos $(CHAOS_ARGS)
+	$(CARGO) run --quiet -p pipeline -- chaos $(CHAOS_ARGS)

@@ -7,4 +7,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 echo "demo: building the workspace (the first build takes a few minutes)"
 cargo build --workspace --bins --quiet
-exec target/debug/pipeline demo "$@"
+# shellcheck source=deploy/lib/cargo-target.sh
+source deploy/lib/cargo-target.sh
+exec "$(cargo_target_dir)/debug/pipeline" demo "$@"

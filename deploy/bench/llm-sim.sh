@@ -18,7 +18,9 @@ if ! command -v wrk >/dev/null; then
   if [[ $(id -u) -eq 0 ]]; then apt-get install -y -qq wrk >/dev/null; else sudo apt-get install -y -qq wrk >/dev/null; fi
 fi
 cargo build --release -p llm-sim --quiet
-BINARY=target/release/llm-sim
+# shellcheck source=deploy/lib/cargo-target.sh
+source deploy/lib/cargo-target.sh
+BINARY="$(cargo_target_dir)/release/llm-sim"
 
 WORK=$(mktemp -d)
 cleanup() {

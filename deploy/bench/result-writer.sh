@@ -20,9 +20,12 @@ RATE=${RATE:-1000}
 # shellcheck disable=SC1091
 source .local/stack.env
 cargo build --release -p result-writer --bins --quiet
-BENCH=target/release/result-writer-bench
-WRITER=target/release/result-writer
-OUT=target/bench/result-writer
+# shellcheck source=deploy/lib/cargo-target.sh
+source deploy/lib/cargo-target.sh
+TARGET_DIR=$(cargo_target_dir)
+BENCH="$TARGET_DIR/release/result-writer-bench"
+WRITER="$TARGET_DIR/release/result-writer"
+OUT="$TARGET_DIR/bench/result-writer"
 mkdir -p "$OUT"
 KEY="bench-key-$RANDOM$RANDOM"
 KEYS_FILE="$OUT/keys"
@@ -39,7 +42,7 @@ for run in $(seq 1 "$RUNS"); do
   topic="bench.result-writer.$id.results"
   dlq="bench.result-writer.$id.dlq"
   schema="bench_rw_${id//-/_}"
-  $BENCH --bootstrap "$KAFKA_BOOTSTRAP" produce --topic "$topic" --count "$N" --partitions 12
+  "$BENCH" --bootstrap "$KAFKA_BOOTSTRAP" produce --topic "$topic" --count "$N" --partitions 12
   api_port=$(free_port); admin_port=$(free_port)
   TRIAGE_KAFKA__BOOTSTRAP_SERVERS="$KAFKA_BOOTSTRAP" \
   TRIAGE_TOPICS__RESULTS="$topic" TRIAGE_TOPICS__DEAD_LETTERS="$dlq" \
@@ -49,7 +52,7 @@ for run in $(seq 1 "$RUNS"); do
   TRIAGE_AUTH__KEYS_FILE="$KEYS_FILE" TRIAGE_TELEMETRY__LOG_LEVEL=warn \
     "$WRITER" > "$OUT/writer-$run.log" 2>&1 &
   writer_pid=$!
-  line=$($BENCH throughput --database-url "$DATABASE_URL" --schema "$schema" --count "$N")
+  line=$("$BENCH" throughput --database-url "$DATABASE_URL" --schema "$schema" --count "$N")
   # CPU the writer used (user + system, start-up included): rows per CPU-second shows what it
   # costs even when other work shares the two cores.
   cpu_seconds=$(awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$writer_pid/stat")
@@ -57,12 +60,12 @@ for run in $(seq 1 "$RUNS"); do
   echo "run $run: $line"
   echo "$line" | sed -n 's/.*rows_per_cpu_second=\([0-9.]*\).*/\1/p' >> "$OUT/per_cpu.txt"
   echo "$line" | sed -n 's/.*throughput_rows_per_s=\([0-9.]*\).*/\1/p' >> "$OUT/throughput.txt"
-  line=$($BENCH --bootstrap "$KAFKA_BOOTSTRAP" latency --topic "$topic" --api "http://127.0.0.1:$api_port" \
+  line=$("$BENCH" --bootstrap "$KAFKA_BOOTSTRAP" latency --topic "$topic" --api "http://127.0.0.1:$api_port" \
     --key "$KEY" --rate "$RATE" --count "$M")
   echo "run $run: $line"
   echo "$line" | sed -n 's/.*p50_ms=\([0-9.]*\).*/\1/p' >> "$OUT/p50.txt"
   echo "$line" | sed -n 's/.*p99_ms=\([0-9.]*\).*/\1/p' >> "$OUT/p99.txt"
   kill -TERM "$writer_pid"; wait "$writer_pid" || true
-  $BENCH --bootstrap "$KAFKA_BOOTSTRAP" cleanup --database-url "$DATABASE_URL" --schema "$schema" --topics "$topic" "$dlq" || true
+  "$BENCH" --bootstrap "$KAFKA_BOOTSTRAP" cleanup --database-url "$DATABASE_URL" --schema "$schema" --topics "$topic" "$dlq" || true
 done
 echo "median of $RUNS runs: throughput_rows_per_s=$(median < "$OUT/throughput.txt") rows_per_cpu_second=$(median < "$OUT/per_cpu.txt") topic_to_readable_p50_ms=$(median < "$OUT/p50.txt") p99_ms=$(median < "$OUT/p99.txt") (at $RATE/s)"

@@ -6,7 +6,7 @@
 #   - max throughput: closed loop, CONCURRENCY clients, for DURATION;
 #   - latency at 1,000/s: open loop at RATE requests/s (latency from when each request was due).
 # Each measurement runs RUNS times; the medians are printed as markdown rows for
-# docs/BENCHMARKS.md, and every run's JSON goes to target/bench/ticket-publisher.jsonl.
+# docs/BENCHMARKS.md, and every run's JSON goes to bench/ticket-publisher.jsonl in the target directory.
 # Everything (broker, publisher, load generator) shares this machine's cores.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -20,7 +20,10 @@ HTTP_PORT=${HTTP_PORT:-18080}
 GRPC_PORT=${GRPC_PORT:-15051}
 ADMIN_PORT=${ADMIN_PORT:-19090}
 API_KEY=bench-$(date +%s)-$RANDOM
-OUT=target/bench
+# shellcheck source=deploy/lib/cargo-target.sh
+source deploy/lib/cargo-target.sh
+TARGET_DIR=$(cargo_target_dir)
+OUT="$TARGET_DIR/bench"
 mkdir -p "$OUT"
 JSONL="$OUT/ticket-publisher.jsonl"
 : >"$JSONL"
@@ -49,7 +52,7 @@ export TRIAGE_INGRESS__RATE_LIMIT_PER_SECOND=1000000
 export TRIAGE_INGRESS__RATE_LIMIT_BURST=1000000
 export TRIAGE_TELEMETRY__LOG_LEVEL=warn
 
-target/release/ticket-publisher >"$OUT/ticket-publisher.log" 2>&1 &
+"$TARGET_DIR/release/ticket-publisher" >"$OUT/ticket-publisher.log" 2>&1 &
 PUBLISHER=$!
 cleanup() {
   kill "$PUBLISHER" 2>/dev/null || true
@@ -76,7 +79,7 @@ loadgen() {
   if [[ $transport == http ]]; then target=(--url "http://127.0.0.1:$HTTP_PORT"); else target=(--addr "http://127.0.0.1:$GRPC_PORT"); fi
   local before after report
   before=$(publisher_cpu_ticks)
-  report=$(target/release/loadgen "$transport" "${target[@]}" --api-key "$API_KEY" --duration "$DURATION" "$@")
+  report=$("$TARGET_DIR/release/loadgen" "$transport" "${target[@]}" --api-key "$API_KEY" --duration "$DURATION" "$@")
   report=${report%%$'\n'*}
   after=$(publisher_cpu_ticks)
   python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r["publisher_cpu_s"]=(int(sys.argv[2])-int(sys.argv[3]))/int(sys.argv[4]); r["load_avg_1m"]=float(open("/proc/loadavg").read().split()[0]); print(json.dumps(r))' \

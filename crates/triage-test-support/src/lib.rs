@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+
 use std::{
     collections::HashMap,
     future::Future,
@@ -82,6 +83,67 @@ pub fn workspace_root() -> PathBuf {
         }
     }
     dir
+}
+
+/// The folder of the running executable's cargo profile (`<target dir>/debug`,
+/// `<target dir>/release`, ...), wherever `CARGO_TARGET_DIR` or `build.target-dir` put it.
+///
+/// Tests run from `<profile>/deps/`, examples from `<profile>/examples/` and binaries from
+/// `<profile>/`, so the executable's own path names the one build its sibling binaries belong
+/// to; a spelled-out path names whatever an older build left in `./target`.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the running executable's path");
+    let mut dir = exe
+        .parent()
+        .expect("the executable lives in a folder")
+        .to_path_buf();
+    if dir.ends_with("deps") || dir.ends_with("examples") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Cargo's target directory: where builds, test logs (`test-logs/`) and benchmark reports
+/// (`bench/`) go.
+pub fn target_dir() -> PathBuf {
+    let profile = profile_dir();
+    profile.parent().map(Path::to_path_buf).unwrap_or(profile)
+}
+
+/// The path of a workspace binary built with the running executable's profile, built first.
+///
+/// The first call in a process runs `cargo build --workspace --bins` for that profile (a no-op
+/// when nothing changed), so a test or tool never starts a binary older than its sources: an
+/// end-to-end test that passes on a stale binary proves nothing.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let profile = profile_dir();
+    BUILT.get_or_init(|| build_workspace_binaries(&profile));
+    profile.join(name)
+}
+
+fn build_workspace_binaries(profile_dir: &Path) {
+    let profile = match profile_dir.file_name().and_then(|name| name.to_str()) {
+        Some("debug") | None => "dev".to_owned(),
+        Some(other) => other.to_owned(),
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(["build", "--quiet", "--workspace", "--bins", "--profile"])
+        .arg(&profile)
+        .arg("--manifest-path")
+        .arg(workspace_root().join("Cargo.toml"))
+        // Cargo's own target directory, even when the caller's environment names none.
+        .env("CARGO_TARGET_DIR", target_dir())
+        .stdin(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", Path::new(&cargo).display()));
+    assert!(
+        status.success(),
+        "`cargo build --workspace --bins --profile {profile}` failed ({status}); the binaries \
+         in {} would be stale",
+        profile_dir.display()
+    );
 }
 
 /// Names that belong to one test only.
@@ -386,11 +448,11 @@ pub struct ServiceProcess {
 
 impl ServiceProcess {
     /// Starts `binary` with `env` (plus an admin port of its own); stdout and stderr go to a
-    /// log file under `target/test-logs/` that panics quote.
+    /// log file under the target directory's `test-logs/` that panics quote.
     pub fn spawn(binary: &Path, args: &[&str], env: &[(String, String)]) -> Self {
         let name = binary.file_name().unwrap().to_string_lossy().into_owned();
         let admin_port = free_port();
-        let log_dir = workspace_root().join("target/test-logs");
+        let log_dir = target_dir().join("test-logs");
         std::fs::create_dir_all(&log_dir).expect("log dir");
         let log_path = log_dir.join(format!("{name}-{admin_port}.log"));
         let log = std::fs::File::create(&log_path).expect("log file");

@@ -20,7 +20,7 @@ use triage_proto::v1::InferenceResult;
 use triage_runtime::{config::KafkaConfig, kafka::producer::ContractProducer};
 use triage_test_support::{
     MachineCpu, ServiceProcess, Stack, TestContext, consumer, free_port, steal_share_since,
-    workspace_root,
+    target_dir, workspace_binary,
 };
 
 /// The worker tests' fixtures: the bench publishes the same tasks the tests do.
@@ -41,9 +41,7 @@ struct Args {
     /// The provider's burst allowance (llm-sim's bucket size) in milliseconds of the limit.
     #[arg(long, default_value_t = 1000)]
     burst_ms: u64,
-    #[arg(long, default_value = "release")]
-    profile: String,
-    /// The worker's log filter (its log goes to target/test-logs/). The service's default,
+    /// The worker's log filter (its log goes to test-logs/ in the target directory). The service's default,
     /// `info`, also enables the spans every task carries.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -55,13 +53,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
-    let bin_dir = workspace_root().join("target").join(&args.profile);
     let stack = Stack::get();
     let context = TestContext::new("bench-worker");
     context.create_topics(12).await;
 
     let sim_port = free_port();
-    let mut sim = Command::new(bin_dir.join("llm-sim"))
+    let mut sim = Command::new(workspace_binary("llm-sim"))
         .args(["--listen", &format!("127.0.0.1:{sim_port}")])
         .args([
             "--rpm",
@@ -137,7 +134,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         ]
         .map(|(k, v)| (k.to_owned(), v)),
     );
-    let worker_binary: PathBuf = bin_dir.join("inference-worker");
+    let worker_binary: PathBuf = workspace_binary("inference-worker");
     let worker = ServiceProcess::spawn(&worker_binary, &[], &env);
     worker.wait_ready(Duration::from_secs(60)).await;
     let cpu_at_start = cpu_seconds(worker.pid());
@@ -163,9 +160,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .await?
         .text()
         .await?;
-    std::fs::create_dir_all(workspace_root().join("target/bench"))?;
+    std::fs::create_dir_all(target_dir().join("bench"))?;
     std::fs::write(
-        workspace_root().join("target/bench/inference-worker.metrics"),
+        target_dir().join("bench/inference-worker.metrics"),
         worker_metrics,
     )?;
     let peak_rss_kib = peak_rss_kib(worker.pid());

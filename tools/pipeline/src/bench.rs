@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::bail;
 use serde_json::{Value, json};
-use triage_test_support::{MachineCpu, steal_share_since, workspace_root};
+use triage_test_support::{MachineCpu, steal_share_since, target_dir};
 
 use crate::{Llm, Options, Pipeline};
 
@@ -25,10 +25,9 @@ pub struct BenchOptions {
     pub dispatch_lanes: usize,
 }
 
-/// Runs the benchmark and returns its report (also written to target/bench/pipeline.{json,svg}).
+/// Runs the benchmark and returns its report (also written to bench/pipeline.{json,svg} in the target directory).
 pub async fn run(options: BenchOptions) -> anyhow::Result<Value> {
     let mut pipeline_options = Options::new(Some("bench"));
-    pipeline_options.bin_dir = workspace_root().join("target/release");
     pipeline_options.workers = options.workers;
     pipeline_options.dispatch_lanes = options.dispatch_lanes;
     pipeline_options.partitions = 12;
@@ -140,7 +139,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Value> {
         "seconds": total_seconds,
         "cpu_steal_share": steal_share,
     });
-    let out_dir = workspace_root().join("target/bench");
+    let out_dir = target_dir().join("bench");
     std::fs::create_dir_all(&out_dir)?;
     std::fs::write(
         out_dir.join("pipeline.json"),

@@ -26,7 +26,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use triage_test_support::{ServiceProcess, Stack, TestContext, free_port, workspace_root};
+use triage_test_support::{
+    ServiceProcess, Stack, TestContext, free_port, target_dir, workspace_binary, workspace_root,
+};
 
 /// Which LLM the worker calls.
 #[derive(Clone, Debug)]
@@ -58,8 +60,6 @@ pub struct Options {
     pub otlp_endpoint: Option<String>,
     /// Window in which dlq-alerter folds failures of one class into a summary.
     pub alert_window: Duration,
-    /// `target/<profile>` holding the binaries.
-    pub bin_dir: PathBuf,
 }
 
 impl Options {
@@ -75,7 +75,6 @@ impl Options {
             partitions: 6,
             otlp_endpoint: None,
             alert_window: Duration::from_secs(10),
-            bin_dir: workspace_root().join("target/debug"),
         }
     }
 }
@@ -159,13 +158,11 @@ const SERVICES: [&str; 5] = [
 
 impl Pipeline {
     pub async fn start(options: Options) -> anyhow::Result<Pipeline> {
+        // Built (or found fresh) for this executable's profile before anything starts.
         for binary in SERVICES.iter().chain(["llm-sim"].iter()) {
-            let path = options.bin_dir.join(binary);
+            let path = workspace_binary(binary);
             if !path.exists() {
-                bail!(
-                    "{} is missing: run `cargo build --workspace --bins` first",
-                    path.display()
-                );
+                bail!("{} is missing after building the workspace", path.display());
             }
         }
         let stack = Stack::get();
@@ -209,7 +206,7 @@ impl Pipeline {
                     latency.clone(),
                 ];
                 let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-                let sim = ServiceProcess::spawn(&options.bin_dir.join("llm-sim"), &arg_refs, &[]);
+                let sim = ServiceProcess::spawn(&workspace_binary("llm-sim"), &arg_refs, &[]);
                 let url = format!("http://127.0.0.1:{port}");
                 wait_http(&format!("{url}/v1/models")).await?;
                 (
@@ -343,7 +340,7 @@ impl Pipeline {
         for (service, toml) in &configs {
             std::fs::write(run_dir.join(format!("{service}.toml")), toml)?;
         }
-        let spawn = |service: &str| spawn_service(&options.bin_dir, &run_dir, service);
+        let spawn = |service: &str| spawn_service(&run_dir, service);
         let publisher = spawn("ticket-publisher");
         let writer = spawn("result-writer");
         let alerter = spawn("dlq-alerter");
@@ -510,17 +507,14 @@ impl Pipeline {
 
     /// Starts worker `index` again (after a kill) and waits until it is ready.
     pub async fn restart_worker(&mut self, index: usize) {
-        let worker = spawn_service(&self.options.bin_dir, &self.run_dir, "inference-worker");
+        let worker = spawn_service(&self.run_dir, "inference-worker");
         worker.wait_ready(Duration::from_secs(60)).await;
         self.workers[index] = worker;
     }
 
     /// Where the services' logs are.
     pub fn log_hint(&self) -> String {
-        workspace_root()
-            .join("target/test-logs")
-            .display()
-            .to_string()
+        target_dir().join("test-logs").display().to_string()
     }
 
     /// Each service's name and admin base URL, workers once each.
@@ -568,10 +562,10 @@ impl Pipeline {
     }
 }
 
-fn spawn_service(bin_dir: &Path, run_dir: &Path, service: &str) -> ServiceProcess {
+fn spawn_service(run_dir: &Path, service: &str) -> ServiceProcess {
     let config = run_dir.join(format!("{service}.toml"));
     let config = config.display().to_string();
-    ServiceProcess::spawn(&bin_dir.join(service), &["--config", &config], &[])
+    ServiceProcess::spawn(&workspace_binary(service), &["--config", &config], &[])
 }
 
 async fn wait_http(url: &str) -> anyhow::Result<()> {

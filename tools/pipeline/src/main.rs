@@ -23,7 +23,7 @@ enum Command {
         once: bool,
     },
     /// Tickets at a fixed rate through the whole pipeline (release binaries); reports JSON, a
-    /// markdown row and target/bench/pipeline.svg.
+    /// markdown row and bench/pipeline.svg in the target directory.
     Bench {
         #[arg(long, default_value_t = 3000)]
         tickets: usize,
