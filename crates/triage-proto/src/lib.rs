@@ -152,6 +152,7 @@ impl v1::ErrorClass {
             v1::ErrorClass::InvalidOutput => "invalid_output",
             v1::ErrorClass::RetriesExhausted => "retries_exhausted",
             v1::ErrorClass::InvalidEvent => "invalid_event",
+            v1::ErrorClass::Unprocessable => "unprocessable",
         }
     }
 
@@ -165,6 +166,7 @@ impl v1::ErrorClass {
             v1::ErrorClass::InvalidOutput,
             v1::ErrorClass::RetriesExhausted,
             v1::ErrorClass::InvalidEvent,
+            v1::ErrorClass::Unprocessable,
         ]
         .into_iter()
         .find(|class| class.label() == label)
@@ -209,6 +211,109 @@ pub fn idempotency_key(ticket_id: &str, prompt_version: &str, model: &str) -> St
     hex::encode(hasher.finalize())
 }
 
+/// The first second protobuf's `Timestamp` may hold: 0001-01-01T00:00:00Z.
+pub const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+/// The last second protobuf's `Timestamp` may hold: 9999-12-31T23:59:59Z.
+pub const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+
+/// A timestamp field that no stage can store or compute with.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{field} is outside the range of a timestamp (0001-01-01 to 9999-12-31): seconds {seconds}, nanos {nanos}"
+)]
+pub struct TimestampOutOfRange {
+    pub field: &'static str,
+    pub seconds: i64,
+    pub nanos: i32,
+}
+
+/// The one rule for timestamps from outside: protobuf's own valid range. The wire format carries
+/// any int64, so a careless producer can send the year -10,700; PostgreSQL refuses it, and
+/// `SystemTime` arithmetic on it overflows. Every value within this range fits PostgreSQL's
+/// `timestamptz`, chrono and `SystemTime`, so a record that passes is storable downstream.
+pub fn check_timestamp(
+    field: &'static str,
+    timestamp: &wkt::Timestamp,
+) -> Result<(), TimestampOutOfRange> {
+    let in_range = (MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&timestamp.seconds)
+        && (0..1_000_000_000).contains(&timestamp.nanos);
+    if in_range {
+        Ok(())
+    } else {
+        Err(TimestampOutOfRange {
+            field,
+            seconds: timestamp.seconds,
+            nanos: timestamp.nanos,
+        })
+    }
+}
+
+/// A contract message's timestamp fields, for [`check_timestamps`].
+pub trait Timestamps {
+    fn timestamps(&self) -> Vec<(&'static str, Option<&wkt::Timestamp>)>;
+}
+
+impl Timestamps for v1::TicketCreated {
+    fn timestamps(&self) -> Vec<(&'static str, Option<&wkt::Timestamp>)> {
+        vec![
+            ("created_at", self.created_at.as_ref()),
+            ("accepted_at", self.accepted_at.as_ref()),
+        ]
+    }
+}
+
+impl Timestamps for v1::InferenceTask {
+    fn timestamps(&self) -> Vec<(&'static str, Option<&wkt::Timestamp>)> {
+        vec![
+            ("ticket_created_at", self.ticket_created_at.as_ref()),
+            ("accepted_at", self.accepted_at.as_ref()),
+            ("dispatched_at", self.dispatched_at.as_ref()),
+        ]
+    }
+}
+
+impl Timestamps for v1::InferenceResult {
+    fn timestamps(&self) -> Vec<(&'static str, Option<&wkt::Timestamp>)> {
+        vec![
+            ("ticket_created_at", self.ticket_created_at.as_ref()),
+            ("accepted_at", self.accepted_at.as_ref()),
+            ("triaged_at", self.triaged_at.as_ref()),
+        ]
+    }
+}
+
+impl Timestamps for v1::DeadLetter {
+    fn timestamps(&self) -> Vec<(&'static str, Option<&wkt::Timestamp>)> {
+        vec![
+            ("first_failure_at", self.first_failure_at.as_ref()),
+            ("last_failure_at", self.last_failure_at.as_ref()),
+        ]
+    }
+}
+
+/// Checks every timestamp `message` carries with [`check_timestamp`]; absent ones pass.
+pub fn check_timestamps<M: Timestamps>(message: &M) -> Result<(), TimestampOutOfRange> {
+    message
+        .timestamps()
+        .into_iter()
+        .filter_map(|(field, timestamp)| timestamp.map(|timestamp| (field, timestamp)))
+        .try_for_each(|(field, timestamp)| check_timestamp(field, timestamp))
+}
+
+/// A protobuf timestamp as a `SystemTime`; `None` outside [`check_timestamp`]'s range, so no
+/// caller's arithmetic can overflow on a producer's value.
+pub fn to_system_time(timestamp: &wkt::Timestamp) -> Option<std::time::SystemTime> {
+    check_timestamp("timestamp", timestamp).ok()?;
+    let nanos = u32::try_from(timestamp.nanos).ok()?;
+    let since_epoch = |seconds: i64| std::time::Duration::new(seconds.unsigned_abs(), 0);
+    let whole = if timestamp.seconds >= 0 {
+        std::time::UNIX_EPOCH.checked_add(since_epoch(timestamp.seconds))
+    } else {
+        std::time::UNIX_EPOCH.checked_sub(since_epoch(timestamp.seconds))
+    }?;
+    whole.checked_add(std::time::Duration::from_nanos(u64::from(nanos)))
+}
+
 /// Converts a `SystemTime` into a protobuf timestamp.
 pub fn timestamp(time: std::time::SystemTime) -> wkt::Timestamp {
     let since_epoch = time
@@ -224,6 +329,36 @@ pub fn timestamp(time: std::time::SystemTime) -> wkt::Timestamp {
 mod tests {
     use super::*;
     use v1::*;
+
+    #[test]
+    fn timestamps_outside_protobufs_range_are_refused_by_name() {
+        let at = |seconds, nanos| wkt::Timestamp { seconds, nanos };
+        assert!(check_timestamp("t", &at(MIN_TIMESTAMP_SECONDS, 0)).is_ok());
+        assert!(check_timestamp("t", &at(MAX_TIMESTAMP_SECONDS, 999_999_999)).is_ok());
+        // The year -10,700 an application once published.
+        let ancient = TicketCreated {
+            created_at: Some(at(-399_822_624_000, 0)),
+            ..Default::default()
+        };
+        let error = check_timestamps(&ancient).unwrap_err();
+        assert_eq!(error.field, "created_at");
+        for (seconds, nanos) in [
+            (MIN_TIMESTAMP_SECONDS - 1, 0),
+            (MAX_TIMESTAMP_SECONDS + 1, 0),
+            (0, -1),
+            (0, 1_000_000_000),
+            (i64::MIN, i32::MIN),
+            (i64::MAX, i32::MAX),
+        ] {
+            assert!(check_timestamp("t", &at(seconds, nanos)).is_err());
+            assert_eq!(to_system_time(&at(seconds, nanos)), None);
+        }
+        let before_epoch = to_system_time(&at(-1, 500_000_000)).unwrap();
+        assert_eq!(
+            std::time::UNIX_EPOCH.duration_since(before_epoch).unwrap(),
+            std::time::Duration::from_millis(500)
+        );
+    }
 
     fn sample_dead_letter() -> DeadLetter {
         DeadLetter {
@@ -247,6 +382,8 @@ mod tests {
             tracestate: String::new(),
             ticket_id: "t-1".into(),
             tenant_id: "acme".into(),
+            original_value_size: 4,
+            original_value_truncated: false,
         }
     }
 

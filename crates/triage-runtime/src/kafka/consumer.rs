@@ -25,6 +25,20 @@
 //!   passed.
 //! - done: a final synchronous commit, then the consumer is closed, which leaves the group.
 //!   Records still unfinished are not committed and will be consumed again.
+//!
+//! # Failures, classed once
+//! A handler classes its own failures: it waits out transient ones, and dead-letters a record
+//! that can never succeed ([`Disposition::Done`] once the dead letter is acknowledged). What it
+//! cannot class is left to the runtime, which never lets one record stop the stage:
+//! - a handler (or `prepare`) that panics is run again on a fresh copy of the record, with
+//!   backoff, up to `handler_attempts` times; then the record is handed to
+//!   [`RecordHandler::unprocessable`] and handled as one the stage rejects, so it becomes a
+//!   dead letter rather than a gap that holds the partition's commit point forever;
+//! - [`Disposition::Fatal`] (credentials, ACLs: nothing any record can fix) stops the
+//!   consumer without committing that record, and [`run`] returns the reason, which the
+//!   service turns into one line and a non-zero exit;
+//! - a commit point that has not moved for `commit_stall_warning` while records wait is a WARN
+//!   naming the offset, and `consumer_commit_stalled_seconds` shows it all along.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -82,6 +96,12 @@ pub struct ConsumerConfig {
     /// How long the broker waits for a consumer's heartbeat before giving its partitions away.
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
+    /// Times a handler may panic on one record before the record is given up as
+    /// unprocessable (dead-lettered by the stage).
+    pub handler_attempts: u32,
+    /// A commit point standing still this long while records wait is logged as a WARN.
+    #[serde(with = "humantime_serde")]
+    pub commit_stall_warning: Duration,
 }
 
 impl ConsumerConfig {
@@ -102,6 +122,8 @@ impl Default for ConsumerConfig {
             commit_interval: Duration::from_secs(1),
             group_instance_id: None,
             session_timeout: Duration::from_secs(10),
+            handler_attempts: 3,
+            commit_stall_warning: Duration::from_secs(120),
         }
     }
 }
@@ -117,11 +139,17 @@ impl Validate for ConsumerConfig {
         if self.commit_interval.is_zero() {
             problems.push("consumer.commit_interval must be longer than zero".into());
         }
+        if self.handler_attempts == 0 {
+            problems.push("consumer.handler_attempts must be at least 1".into());
+        }
+        if self.commit_stall_warning.is_zero() {
+            problems.push("consumer.commit_stall_warning must be longer than zero".into());
+        }
     }
 }
 
 /// What a handler did with a record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Disposition {
     /// The work is durable downstream (result produced and acknowledged, row committed, alert
     /// delivered, or dead letter acknowledged): the offset may be committed past it.
@@ -129,6 +157,9 @@ pub enum Disposition {
     /// The work was given up without a durable outcome (shutdown in the middle of a retry): the
     /// record stays uncommitted and is consumed again by whoever owns the partition next.
     Abandon,
+    /// Nothing this process does can succeed (credentials refused, no permission to write):
+    /// stop consuming, commit nothing past this record, and exit with this reason.
+    Fatal(String),
 }
 
 /// A stage's per-record logic.
@@ -146,6 +177,11 @@ pub trait RecordHandler: Send + Sync + 'static {
 
     /// Does the work. Returns [`Disposition::Done`] only once the outcome is durable.
     fn handle(&self, item: Self::Item) -> impl Future<Output = Disposition> + Send;
+
+    /// The item for a record this stage failed on `handler_attempts` times (it panicked):
+    /// handled like a record the stage rejects, so that it ends as a dead letter with its raw
+    /// bytes and `reason`, and the partition moves on.
+    fn unprocessable(&self, record: OwnedMessage, reason: String) -> Self::Item;
 }
 
 /// A switch the handler closes to stop fetching (no rate-limit budget, circuit open) and opens
@@ -185,6 +221,8 @@ pub enum ConsumerError {
     },
     #[error("the consumer thread of group {group} stopped unexpectedly")]
     ThreadLost { group: String },
+    #[error("group {group} stopped: {reason}")]
+    Fatal { group: String, reason: String },
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -207,6 +245,9 @@ pub struct ConsumerMetrics {
     pauses: Family<PauseLabels, Counter>,
     commit_failures: Family<GroupLabels, Counter>,
     abandoned: Family<GroupLabels, Counter>,
+    handler_panics: Family<GroupLabels, Counter>,
+    unprocessable: Family<GroupLabels, Counter>,
+    commit_stalled: Family<GroupLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl ConsumerMetrics {
@@ -241,6 +282,21 @@ impl ConsumerMetrics {
             "consumer_abandoned",
             "Records given up without a durable outcome (consumed again later)",
             metrics.abandoned.clone(),
+        );
+        registry.register(
+            "consumer_handler_panics",
+            "Times a record handler panicked (the record is retried, then given up as unprocessable)",
+            metrics.handler_panics.clone(),
+        );
+        registry.register(
+            "consumer_unprocessable",
+            "Records given up after handler_attempts panics and handled as rejected (dead-lettered)",
+            metrics.unprocessable.clone(),
+        );
+        registry.register(
+            "consumer_commit_stalled_seconds",
+            "How long the longest-held commit point has not moved while records wait (0: none waits)",
+            metrics.commit_stalled.clone(),
         );
         metrics
     }
@@ -414,6 +470,7 @@ pub async fn run<H: RecordHandler>(
         gate: run.gate,
         max_unfinished: run.config.max_in_flight + run.config.readahead,
         drain_timeout: run.drain_timeout,
+        stall_warning: run.config.commit_stall_warning,
         stop: Arc::clone(&stop),
         metrics: run.metrics.clone(),
     };
@@ -429,10 +486,12 @@ pub async fn run<H: RecordHandler>(
         shutdown.wait().await;
         stop.store(true, Ordering::Relaxed);
     });
-    let dispatcher = Dispatcher {
+    let mut dispatcher = Dispatcher {
         handler,
         running: JoinSet::new(),
         max_running: run.config.max_in_flight.max(1),
+        handler_attempts: run.config.handler_attempts.max(1),
+        fatal: None,
         ready: VecDeque::new(),
         waiting: HashMap::new(),
         tracker: dispatcher_tracker,
@@ -448,6 +507,9 @@ pub async fn run<H: RecordHandler>(
         .map_err(|_| ConsumerError::ThreadLost {
             group: group.clone(),
         })?;
+    if let Some(reason) = dispatcher.fatal {
+        return Err(ConsumerError::Fatal { group, reason });
+    }
     tracing::info!(group = %group, "consumer stopped");
     Ok(())
 }
@@ -462,6 +524,7 @@ struct PollLoop {
     /// fetching pauses.
     max_unfinished: usize,
     drain_timeout: Duration,
+    stall_warning: Duration,
     stop: Arc<AtomicBool>,
     metrics: ConsumerMetrics,
 }
@@ -477,12 +540,18 @@ impl PollLoop {
         };
         let mut in_flight = 0usize;
         let mut draining_since: Option<Instant> = None;
+        let mut stall_checked = Instant::now();
+        let mut stall_warned: Option<Instant> = None;
         loop {
             in_flight -= self.apply_reports(&report_rx, in_flight);
             self.metrics
                 .in_flight
                 .get_or_create(&labels)
                 .set(in_flight as i64);
+            if stall_checked.elapsed() >= Duration::from_secs(1) {
+                stall_checked = Instant::now();
+                self.check_stall(&labels, &mut stall_warned);
+            }
 
             if self.stop.load(Ordering::Relaxed) && draining_since.is_none() {
                 tracing::info!(group = %self.group, in_flight, drain_timeout = ?self.drain_timeout, "draining");
@@ -557,6 +626,37 @@ impl PollLoop {
         self.metrics.in_flight.get_or_create(&labels).set(0);
         drop(fetched_tx);
         // Dropping the consumer closes it: it leaves the group so partitions move at once.
+    }
+
+    /// Publishes how long the longest-held commit point has stood still, and warns (once per
+    /// `stall_warning`) when that is longer than `stall_warning`.
+    fn check_stall(&self, labels: &GroupLabels, warned: &mut Option<Instant>) {
+        let now = Instant::now();
+        let stall = self
+            .tracker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .longest_stall(now);
+        let seconds = stall.as_ref().map_or(0.0, |stall| stall.for_.as_secs_f64());
+        self.metrics
+            .commit_stalled
+            .get_or_create(labels)
+            .set(seconds);
+        let Some(stall) = stall.filter(|stall| stall.for_ >= self.stall_warning) else {
+            return;
+        };
+        if warned.is_some_and(|at| now.duration_since(at) < self.stall_warning) {
+            return;
+        }
+        *warned = Some(now);
+        tracing::warn!(
+            group = %self.group,
+            topic = %stall.topic,
+            partition = stall.partition,
+            offset = stall.offset,
+            stalled_for = ?stall.for_,
+            "commit point has not moved while records wait; the record at this offset is not finishing"
+        );
     }
 
     /// While paused for a full window, fetching resumes at or below this many unfinished.
@@ -636,15 +736,28 @@ impl PollLoop {
 
 type Finished = (Option<Vec<u8>>, InFlight, Disposition);
 
+/// A fetched record on its way to a handler: the prepared item (`None` when `prepare`
+/// panicked) and a copy of the raw record, from which a panicked attempt starts afresh.
+struct Fetched<I> {
+    /// The ordering key; `None` for records without one.
+    key: Option<Vec<u8>>,
+    item: Option<I>,
+    raw: OwnedMessage,
+    record: InFlight,
+}
+
 struct Dispatcher<H: RecordHandler> {
     handler: Arc<H>,
     running: JoinSet<Finished>,
     max_running: usize,
+    handler_attempts: u32,
+    /// Set by the first [`Disposition::Fatal`]: nothing new starts and [`run`] reports it.
+    fatal: Option<String>,
     /// Items free to run (first of their key, or without one), waiting for a running slot.
-    ready: VecDeque<(Option<Vec<u8>>, H::Item, InFlight)>,
+    ready: VecDeque<Fetched<H::Item>>,
     /// Items waiting behind a running or ready item with the same ordering key. A key present
     /// here (even with an empty queue) is running or ready.
-    waiting: HashMap<Vec<u8>, VecDeque<(H::Item, InFlight)>>,
+    waiting: HashMap<Vec<u8>, VecDeque<Fetched<H::Item>>>,
     tracker: Arc<Mutex<OffsetTracker>>,
     /// Set at shutdown: nothing new starts.
     draining: Arc<AtomicBool>,
@@ -654,7 +767,7 @@ struct Dispatcher<H: RecordHandler> {
 }
 
 impl<H: RecordHandler> Dispatcher<H> {
-    async fn run(mut self, mut fetched_rx: mpsc::Receiver<(OwnedMessage, InFlight)>) {
+    async fn run(&mut self, mut fetched_rx: mpsc::Receiver<(OwnedMessage, InFlight)>) {
         loop {
             tokio::select! {
                 fetched = fetched_rx.recv() => match fetched {
@@ -664,8 +777,12 @@ impl<H: RecordHandler> Dispatcher<H> {
                     None => break,
                 },
                 Some(joined) = self.running.join_next(), if !self.running.is_empty() => {
-                    let (key, record, disposition) = joined.expect("handler tasks catch their panics");
-                    self.finish(key, record, disposition);
+                    match joined {
+                        Ok((key, record, disposition)) => self.finish(key, record, disposition),
+                        // Only an abort ends a task without its result, and aborts happen
+                        // after this loop; the record stays uncommitted either way.
+                        Err(error) => tracing::error!(group = %self.group, error = %error, "record task ended without a result"),
+                    }
                 }
             }
         }
@@ -673,16 +790,39 @@ impl<H: RecordHandler> Dispatcher<H> {
     }
 
     fn accept(&mut self, message: OwnedMessage, record: InFlight) {
-        let item = self.handler.prepare(message);
-        let key = self.handler.ordering_key(&item);
+        let raw = message.clone();
+        let prepared = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let item = self.handler.prepare(message);
+            let key = self.handler.ordering_key(&item);
+            (item, key)
+        }));
+        // A record `prepare` panics on runs without a key; its task prepares it again and,
+        // failing that, hands it to `unprocessable`.
+        let (item, key) = match prepared {
+            Ok((item, key)) => (Some(item), key),
+            Err(_) => (None, None),
+        };
         if let Some(key) = &key {
+            let fetched = Fetched {
+                key: Some(key.clone()),
+                item,
+                raw,
+                record,
+            };
             if let Some(queue) = self.waiting.get_mut(key) {
-                queue.push_back((item, record));
+                queue.push_back(fetched);
                 return;
             }
             self.waiting.insert(key.clone(), VecDeque::new());
+            self.ready.push_back(fetched);
+        } else {
+            self.ready.push_back(Fetched {
+                key: None,
+                item,
+                raw,
+                record,
+            });
         }
-        self.ready.push_back((key, item, record));
         self.fill();
     }
 
@@ -691,40 +831,47 @@ impl<H: RecordHandler> Dispatcher<H> {
     /// read again.
     fn fill(&mut self) {
         while self.running.len() < self.max_running {
-            let Some((key, item, record)) = self.ready.pop_front() else {
+            let Some(fetched) = self.ready.pop_front() else {
                 return;
             };
             if !self.draining.load(Ordering::Relaxed)
                 && self
                     .tracker
                     .lock()
-                    .expect("tracker lock")
-                    .is_current(&record)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .is_current(&fetched.record)
             {
-                self.spawn(key, item, record);
+                self.spawn(fetched);
             } else {
-                self.report(Disposition::Abandon, record);
-                self.next_of_key(key);
+                self.report(Disposition::Abandon, fetched.record);
+                self.next_of_key(fetched.key);
             }
         }
     }
 
-    fn spawn(&mut self, key: Option<Vec<u8>>, item: H::Item, record: InFlight) {
-        let handler = Arc::clone(&self.handler);
-        let group = self.group.clone();
+    fn spawn(&mut self, fetched: Fetched<H::Item>) {
+        let attempt = HandlerAttempts {
+            handler: Arc::clone(&self.handler),
+            group: self.group.clone(),
+            attempts: self.handler_attempts,
+            metrics: self.metrics.clone(),
+        };
         self.running.spawn(async move {
-            let disposition = match AssertUnwindSafe(handler.handle(item)).catch_unwind().await {
-                Ok(disposition) => disposition,
-                Err(_) => {
-                    tracing::error!(group = %group, topic = %record.topic, partition = record.partition, offset = record.offset, "record handler panicked; the record stays uncommitted");
-                    Disposition::Abandon
-                }
-            };
+            let record = fetched.record.clone();
+            let key = fetched.key.clone();
+            let disposition = attempt.run(fetched).await;
             (key, record, disposition)
         });
     }
 
     fn finish(&mut self, key: Option<Vec<u8>>, record: InFlight, disposition: Disposition) {
+        if let Disposition::Fatal(reason) = &disposition
+            && self.fatal.is_none()
+        {
+            tracing::error!(group = %self.group, topic = %record.topic, partition = record.partition, offset = record.offset, reason = %reason, "stopping: no record can succeed");
+            self.fatal = Some(reason.clone());
+            self.draining.store(true, Ordering::Relaxed);
+        }
         self.report(disposition, record);
         self.next_of_key(key);
         self.fill();
@@ -733,7 +880,7 @@ impl<H: RecordHandler> Dispatcher<H> {
     fn report(&self, disposition: Disposition, record: InFlight) {
         let report = match disposition {
             Disposition::Done => Report::Finished(record),
-            Disposition::Abandon => {
+            Disposition::Abandon | Disposition::Fatal(_) => {
                 self.metrics
                     .abandoned
                     .get_or_create(&GroupLabels {
@@ -751,10 +898,84 @@ impl<H: RecordHandler> Dispatcher<H> {
         let Some(key) = key else { return };
         let next = self.waiting.get_mut(&key).and_then(VecDeque::pop_front);
         match next {
-            Some((item, record)) => self.ready.push_back((Some(key), item, record)),
+            Some(fetched) => self.ready.push_back(fetched),
             None => {
                 self.waiting.remove(&key);
             }
         }
     }
+}
+
+/// One record's handling, panics included: a panicked attempt starts again from the raw record
+/// after a backoff, and the last one hands it to [`RecordHandler::unprocessable`].
+struct HandlerAttempts<H> {
+    handler: Arc<H>,
+    group: String,
+    attempts: u32,
+    metrics: ConsumerMetrics,
+}
+
+impl<H: RecordHandler> HandlerAttempts<H> {
+    async fn run(self, mut fetched: Fetched<H::Item>) -> Disposition {
+        let record = &fetched.record;
+        let labels = GroupLabels {
+            group: self.group.clone(),
+        };
+        let mut backoff = backon::BackoffBuilder::build(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(5))
+                .with_jitter()
+                .without_max_times(),
+        );
+        let mut last_panic = String::new();
+        for attempt in 1..=self.attempts {
+            let handler = &self.handler;
+            let raw = &fetched.raw;
+            let outcome = AssertUnwindSafe(async {
+                let item = match fetched.item.take() {
+                    Some(item) => item,
+                    None => handler.prepare(raw.clone()),
+                };
+                handler.handle(item).await
+            })
+            .catch_unwind()
+            .await;
+            match outcome {
+                Ok(disposition) => return disposition,
+                Err(panic) => {
+                    last_panic = panic_text(panic.as_ref());
+                    self.metrics.handler_panics.get_or_create(&labels).inc();
+                    tracing::error!(group = %self.group, topic = %record.topic, partition = record.partition, offset = record.offset, attempt, panic = %last_panic, "record handler panicked");
+                }
+            }
+            if attempt < self.attempts {
+                tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(5))).await;
+            }
+        }
+        self.metrics.unprocessable.get_or_create(&labels).inc();
+        let reason = format!(
+            "the stage failed on this record {} times (it panicked: {last_panic})",
+            self.attempts
+        );
+        tracing::error!(group = %self.group, topic = %record.topic, partition = record.partition, offset = record.offset, "giving the record up as unprocessable");
+        let handler = &self.handler;
+        let raw = fetched.raw.clone();
+        let given_up =
+            AssertUnwindSafe(async { handler.handle(handler.unprocessable(raw, reason)).await })
+                .catch_unwind()
+                .await;
+        given_up.unwrap_or_else(|_| {
+            tracing::error!(group = %self.group, topic = %record.topic, partition = record.partition, offset = record.offset, "dead-lettering the unprocessable record panicked too; it stays uncommitted");
+            Disposition::Abandon
+        })
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-text panic".to_owned())
 }

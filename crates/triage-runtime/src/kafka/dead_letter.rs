@@ -6,7 +6,12 @@ use std::time::SystemTime;
 use rdkafka::{Message, message::OwnedMessage};
 use triage_proto::v1::{DeadLetter, ErrorClass};
 
-use super::headers;
+use super::{
+    consumer::Disposition,
+    headers,
+    producer::{ContractProducer, RetryDelays, Unsent},
+};
+use crate::shutdown::Shutdown;
 
 /// What the failing stage knows about the failure.
 #[derive(Clone, Debug)]
@@ -40,19 +45,43 @@ impl Failure {
     }
 }
 
-/// The envelope for `record`, given up by `service`.
+/// The most of the original value a dead letter carries. A dead letter must always fit on the
+/// topic (the broker's default `max.message.bytes` is 1 MiB): one that cannot be produced would
+/// hold its stage on the record forever. Larger values keep their first bytes and their size.
+pub const MAX_ORIGINAL_VALUE_BYTES: usize = 256 * 1024;
+/// The most of the original key, the error message and the original headers (together) a dead
+/// letter carries, for the same reason.
+pub const MAX_ORIGINAL_KEY_BYTES: usize = 4 * 1024;
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 8 * 1024;
+pub const MAX_ORIGINAL_HEADERS_BYTES: usize = 64 * 1024;
+
+/// The envelope for `record`, given up by `service`, within the size caps above.
 pub fn envelope(record: &OwnedMessage, failure: Failure, service: &str) -> DeadLetter {
     let record_headers = record.headers();
+    let value = record.payload().unwrap_or_default();
+    let mut header_bytes = 0usize;
+    let original_headers = headers::to_record_headers(record_headers)
+        .into_iter()
+        .take_while(|header| {
+            header_bytes += header.key.len() + header.value.len();
+            header_bytes <= MAX_ORIGINAL_HEADERS_BYTES
+        })
+        .collect();
     DeadLetter {
         id: uuid::Uuid::now_v7().to_string(),
-        original_key: record.key().map(<[u8]>::to_vec).unwrap_or_default(),
-        original_value: record.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-        original_headers: headers::to_record_headers(record_headers),
+        original_key: record
+            .key()
+            .map(|key| prefix(key, MAX_ORIGINAL_KEY_BYTES).to_vec())
+            .unwrap_or_default(),
+        original_value: prefix(value, MAX_ORIGINAL_VALUE_BYTES).to_vec(),
+        original_value_size: value.len() as u64,
+        original_value_truncated: value.len() > MAX_ORIGINAL_VALUE_BYTES,
+        original_headers,
         source_topic: record.topic().to_owned(),
         source_partition: record.partition(),
         source_offset: record.offset(),
         error_class: failure.class as i32,
-        error_message: failure.message,
+        error_message: truncate_text(failure.message, MAX_ERROR_MESSAGE_BYTES),
         attempts: failure.attempts,
         first_failure_at: Some(triage_proto::timestamp(failure.first_failure_at)),
         last_failure_at: Some(triage_proto::timestamp(SystemTime::now())),
@@ -68,11 +97,130 @@ pub fn envelope(record: &OwnedMessage, failure: Failure, service: &str) -> DeadL
     }
 }
 
+/// Where and how a stage produces its dead letters.
+pub struct DeadLetterTarget<'a> {
+    pub producer: &'a ContractProducer,
+    pub topic: &'a str,
+    pub service: &'a str,
+    pub delays: RetryDelays,
+    pub shutdown: &'a Shutdown,
+}
+
+impl DeadLetterTarget<'_> {
+    /// Gives `record` up: produces its dead letter and waits for the broker's acknowledgement,
+    /// the one way every consumer stage does it. [`Disposition::Done`] once acknowledged,
+    /// `Abandon` when shutdown came first, `Fatal` when the topic refuses even a dead letter cut
+    /// to the caps above (its `max.message.bytes` is below what the pipeline needs, or the
+    /// service may not write to it): no record could be given up then.
+    pub async fn produce(
+        &self,
+        record: &OwnedMessage,
+        failure: Failure,
+        trace: &opentelemetry::Context,
+    ) -> Disposition {
+        let envelope = envelope(record, failure, self.service);
+        let key = record_key(&envelope);
+        let sent = self
+            .producer
+            .send_until_acknowledged(
+                self.topic,
+                &key,
+                &envelope,
+                trace,
+                self.delays,
+                self.shutdown,
+            )
+            .await;
+        match sent {
+            Ok(_) => Disposition::Done,
+            Err(Unsent::ShutDown) => Disposition::Abandon,
+            Err(error @ (Unsent::Rejected(_) | Unsent::Fatal(_))) => Disposition::Fatal(format!(
+                "cannot produce a dead letter to {}: {error}",
+                self.topic
+            )),
+        }
+    }
+}
+
+fn prefix(bytes: &[u8], max: usize) -> &[u8] {
+    bytes.get(..max).unwrap_or(bytes)
+}
+
+/// `text` cut to at most `max` bytes at a character boundary.
+fn truncate_text(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 /// The key a dead letter is produced with: the ticket id when known, else the original key.
 pub fn record_key(dead_letter: &DeadLetter) -> String {
     if dead_letter.ticket_id.is_empty() {
         String::from_utf8_lossy(&dead_letter.original_key).into_owned()
     } else {
         dead_letter.ticket_id.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::{
+        Timestamp,
+        message::{Header, OwnedHeaders},
+    };
+
+    use super::*;
+
+    #[test]
+    fn a_huge_record_becomes_a_dead_letter_that_fits_and_says_it_was_cut() {
+        let value = vec![b'x'; 5 * 1024 * 1024];
+        let header_value = vec![b'h'; 1024];
+        let mut record_headers = OwnedHeaders::new();
+        for _ in 0..200 {
+            record_headers = record_headers.insert(Header {
+                key: "noise",
+                value: Some(&header_value),
+            });
+        }
+        let record = OwnedMessage::new(
+            Some(value.clone()),
+            Some(vec![b'k'; 100_000]),
+            "events".into(),
+            Timestamp::NotAvailable,
+            0,
+            7,
+            Some(record_headers),
+        );
+        let failure = Failure::immediate(ErrorClass::InvalidEvent, "é".repeat(100_000));
+        let dead_letter = envelope(&record, failure, "test");
+        assert!(dead_letter.original_value_truncated);
+        assert_eq!(dead_letter.original_value_size, value.len() as u64);
+        assert_eq!(dead_letter.original_value.len(), MAX_ORIGINAL_VALUE_BYTES);
+        let encoded = triage_proto::encode(&dead_letter, triage_proto::ContentType::Protobuf).len();
+        assert!(encoded < 512 * 1024, "{encoded} bytes");
+
+        let small = OwnedMessage::new(
+            Some(b"{}".to_vec()),
+            None,
+            "events".into(),
+            Timestamp::NotAvailable,
+            0,
+            8,
+            None,
+        );
+        let dead_letter = envelope(
+            &small,
+            Failure::immediate(ErrorClass::Decode, "bad"),
+            "test",
+        );
+        assert!(!dead_letter.original_value_truncated);
+        assert_eq!(dead_letter.original_value, b"{}");
+        assert_eq!(dead_letter.original_value_size, 2);
     }
 }

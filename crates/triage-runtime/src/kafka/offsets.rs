@@ -9,7 +9,10 @@
 //! Memory: one entry per record in flight, and the consumer runtime never has more than
 //! `max_in_flight` records in flight, whatever the backlog.
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::{Duration, Instant},
+};
 
 /// A partition of a topic.
 pub type PartitionKey = (String, i32);
@@ -22,6 +25,9 @@ pub struct PartitionOffsets {
     next_offset: Option<i64>,
     /// The last commit point handed to `store_offsets`, so it is stored only when it moves.
     stored: Option<i64>,
+    /// When the commit point last moved, or records began waiting while it stood still: how
+    /// long a record has held the partition is `now - moved_at` while any is pending.
+    moved_at: Instant,
 }
 
 impl PartitionOffsets {
@@ -30,10 +36,14 @@ impl PartitionOffsets {
             pending: BTreeSet::new(),
             next_offset: None,
             stored: None,
+            moved_at: Instant::now(),
         }
     }
 
     fn begin(&mut self, offset: i64) {
+        if self.pending.is_empty() {
+            self.moved_at = Instant::now();
+        }
         // The first record handed out is where the group already stands: nothing to store yet.
         self.stored.get_or_insert(offset);
         self.pending.insert(offset);
@@ -53,6 +63,7 @@ impl PartitionOffsets {
             return None;
         }
         self.stored = Some(commit_point);
+        self.moved_at = Instant::now();
         Some(commit_point)
     }
 
@@ -75,6 +86,16 @@ impl PartitionOffsets {
 pub struct OffsetTracker {
     partitions: HashMap<PartitionKey, (u64, PartitionOffsets)>,
     next_generation: u64,
+}
+
+/// A partition whose commit point is held by an unfinished record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stall {
+    pub topic: String,
+    pub partition: i32,
+    /// The unfinished offset holding it.
+    pub offset: i64,
+    pub for_: Duration,
 }
 
 /// A record handed out, to be reported back to [`OffsetTracker::finish`].
@@ -148,6 +169,24 @@ impl OffsetTracker {
             .sum()
     }
 
+    /// The partition whose commit point has stood still longest while records wait, and for how
+    /// long: a record that never finishes (a handler stuck or lost) shows here, not only as
+    /// lag that looks like ordinary load.
+    pub fn longest_stall(&self, now: Instant) -> Option<Stall> {
+        self.partitions
+            .iter()
+            .filter(|(_, (_, offsets))| offsets.pending() > 0)
+            .filter_map(|((topic, partition), (_, offsets))| {
+                Some(Stall {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset: offsets.commit_point()?,
+                    for_: now.saturating_duration_since(offsets.moved_at),
+                })
+            })
+            .max_by_key(|stall| stall.for_)
+    }
+
     pub fn commit_point(&self, topic: &str, partition: i32) -> Option<i64> {
         self.partitions
             .get(&(topic.to_owned(), partition))
@@ -206,6 +245,25 @@ mod tests {
         assert_eq!(tracker.finish(&old), None);
         assert_eq!(tracker.commit_point("t", 0), Some(5));
         assert_eq!(tracker.finish(&new), Some(6));
+    }
+
+    #[test]
+    fn a_stall_names_the_partition_and_offset_that_hold_the_commit_point() {
+        let mut tracker = OffsetTracker::default();
+        assert_eq!(tracker.longest_stall(Instant::now()), None);
+        let stuck = tracker.begin("t", 0, 7);
+        let moving = tracker.begin("t", 1, 3);
+        let later = Instant::now() + Duration::from_secs(90);
+        assert_eq!(tracker.finish(&moving), Some(4));
+        let stall = tracker.longest_stall(later).unwrap();
+        assert_eq!(
+            (stall.topic.as_str(), stall.partition, stall.offset),
+            ("t", 0, 7)
+        );
+        assert!(stall.for_ >= Duration::from_secs(90));
+        // Once it finishes nothing waits, so nothing is stalled.
+        assert_eq!(tracker.finish(&stuck), Some(8));
+        assert_eq!(tracker.longest_stall(later), None);
     }
 
     #[test]

@@ -36,6 +36,59 @@ pub enum ProduceError {
     },
 }
 
+/// What a produce failure means, decided here once for every stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProduceFailure {
+    /// The broker is away, slow or electing a leader: try again.
+    Transient,
+    /// The broker will never take this record (too large, invalid): retrying would hold the
+    /// stage on it forever, so the caller dead-letters it (or a smaller form of it).
+    Rejected,
+    /// No record can be produced: credentials or ACLs. The process exits so that the pod
+    /// restarts and alerts fire; records stay uncommitted.
+    Fatal,
+}
+
+impl ProduceError {
+    pub fn failure(&self) -> ProduceFailure {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        let code = match self {
+            ProduceError::Timeout { .. } => return ProduceFailure::Transient,
+            ProduceError::Refused { source, .. } => source.rdkafka_error_code(),
+        };
+        match code {
+            Some(
+                Code::MessageSizeTooLarge
+                | Code::InvalidMessageSize
+                | Code::MessageBatchTooLarge
+                | Code::InvalidRecord
+                | Code::InvalidTimestamp
+                | Code::PolicyViolation,
+            ) => ProduceFailure::Rejected,
+            Some(
+                Code::TopicAuthorizationFailed
+                | Code::ClusterAuthorizationFailed
+                | Code::TransactionalIdAuthorizationFailed
+                | Code::SaslAuthenticationFailed
+                | Code::Authentication
+                | Code::Fatal,
+            ) => ProduceFailure::Fatal,
+            _ => ProduceFailure::Transient,
+        }
+    }
+}
+
+/// Why [`ContractProducer::send_until_acknowledged`] returned without an acknowledgement.
+#[derive(Debug, thiserror::Error)]
+pub enum Unsent {
+    #[error("shutdown came before the broker acknowledged the record")]
+    ShutDown,
+    #[error("{0} (the record can never be produced as it is)")]
+    Rejected(#[source] ProduceError),
+    #[error("{0} (no record can be produced: check the credentials and ACLs)")]
+    Fatal(#[source] ProduceError),
+}
+
 /// The bounds of the backoff between attempts of [`ContractProducer::send_until_acknowledged`].
 #[derive(Clone, Copy, Debug)]
 pub struct RetryDelays {
@@ -123,9 +176,10 @@ impl ContractProducer {
     }
 
     /// [`send`](Self::send), retried with exponential backoff and full jitter between `delays`
-    /// until the broker acknowledges the record. For records that must not be lost (results,
-    /// dead letters): the caller's offset waits for them. `None` when `shutdown` came first;
-    /// the record is then left to whoever consumes the input again.
+    /// while the failure is [`ProduceFailure::Transient`]. For records that must not be lost
+    /// (results, dead letters): the caller's offset waits for them. [`Unsent::ShutDown`] leaves
+    /// the record to whoever consumes the input again; [`Unsent::Rejected`] and
+    /// [`Unsent::Fatal`] are the caller's to act on, never retried.
     pub async fn send_until_acknowledged<M: Contract>(
         &self,
         topic: &str,
@@ -134,7 +188,7 @@ impl ContractProducer {
         trace: &opentelemetry::Context,
         delays: RetryDelays,
         shutdown: &Shutdown,
-    ) -> Option<Delivered> {
+    ) -> Result<Delivered, Unsent> {
         let mut backoff = backon::ExponentialBuilder::default()
             .with_min_delay(delays.min)
             .with_max_delay(delays.max)
@@ -142,17 +196,21 @@ impl ContractProducer {
             .without_max_times()
             .build();
         loop {
-            match self.send(topic, key, message, trace).await {
-                Ok(delivered) => return Some(delivered),
-                Err(error) => {
-                    let delay = backoff.next().unwrap_or(delays.max);
-                    tracing::warn!(topic, error = %error, retry_in = ?delay, "produce failed; retrying");
-                    let mut shutdown = shutdown.clone();
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = shutdown.wait() => return None,
-                    }
-                }
+            let error = match self.send(topic, key, message, trace).await {
+                Ok(delivered) => return Ok(delivered),
+                Err(error) => error,
+            };
+            match error.failure() {
+                ProduceFailure::Transient => {}
+                ProduceFailure::Rejected => return Err(Unsent::Rejected(error)),
+                ProduceFailure::Fatal => return Err(Unsent::Fatal(error)),
+            }
+            let delay = backoff.next().unwrap_or(delays.max);
+            tracing::warn!(topic, error = %error, retry_in = ?delay, "produce failed; retrying");
+            let mut shutdown = shutdown.clone();
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.wait() => return Err(Unsent::ShutDown),
             }
         }
     }
