@@ -169,6 +169,10 @@ pub struct RetryConfig {
     pub initial_backoff: Duration,
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// The longest a 429's `retry-after` / `x-ratelimit-reset-*` is honoured. A gateway that
+    /// asks for hours (or sends nonsense) is read as asking for this long, then asked again.
+    #[serde(with = "humantime_serde")]
+    pub max_provider_wait: Duration,
 }
 
 impl Default for RetryConfig {
@@ -177,6 +181,7 @@ impl Default for RetryConfig {
             deadline: Duration::from_secs(3600),
             initial_backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(30),
+            max_provider_wait: Duration::from_secs(300),
         }
     }
 }
@@ -277,6 +282,9 @@ impl Validate for Config {
             || self.retry.max_backoff < self.retry.initial_backoff
         {
             problems.push("retry.initial_backoff must be > 0 and <= retry.max_backoff".into());
+        }
+        if self.retry.max_provider_wait.is_zero() {
+            problems.push("retry.max_provider_wait must be longer than zero".into());
         }
     }
 }

@@ -31,9 +31,9 @@ use triage_proto::{
 use triage_runtime::{
     kafka::{
         consumer::{Disposition, FetchGate, RecordHandler},
-        dead_letter::{self, Failure},
+        dead_letter::{DeadLetterTarget, Failure},
         headers,
-        producer::{ContractProducer, RetryDelays},
+        producer::{ContractProducer, RetryDelays, Unsent},
     },
     shutdown::Shutdown,
 };
@@ -110,15 +110,30 @@ impl RecordHandler for WorkerHandler {
                     class: ErrorClass::InvalidEvent,
                 }
             }
-            Ok(task) => Item::Task {
-                record,
-                task: Box::new(task),
+            Ok(task) => match check_task(&task) {
+                Ok(()) => Item::Task {
+                    record,
+                    task: Box::new(task),
+                },
+                Err(error) => Item::Undecodable {
+                    record,
+                    error,
+                    class: ErrorClass::InvalidEvent,
+                },
             },
             Err(error) => Item::Undecodable {
                 record,
                 error: error.to_string(),
                 class: ErrorClass::Decode,
             },
+        }
+    }
+
+    fn unprocessable(&self, record: OwnedMessage, reason: String) -> Item {
+        Item::Undecodable {
+            record,
+            error: reason,
+            class: ErrorClass::Unprocessable,
         }
     }
 
@@ -182,13 +197,13 @@ impl WorkerHandler {
                 self.metrics.cache_hits.inc();
                 tracing::debug!(key = %key, "result cache hit");
                 return self
-                    .produce_result(&task, *result, Provenance::Cache, &trace)
+                    .produce_result(&record, &task, *result, Provenance::Cache, &trace)
                     .await;
             }
             ClaimOutcome::ResultAppeared(result) => {
                 self.metrics.duplicates_avoided.inc();
                 return self
-                    .produce_result(&task, *result, Provenance::Cache, &trace)
+                    .produce_result(&record, &task, *result, Provenance::Cache, &trace)
                     .await;
             }
             ClaimOutcome::Interrupted => return Disposition::Abandon,
@@ -198,13 +213,10 @@ impl WorkerHandler {
         let protected = claim != Claim::Unprotected;
 
         // 4. Call, keeping the lease alive meanwhile.
-        let renewal = leased.then(|| self.spawn_lease_renewal(&key));
+        let lease = leased.then(|| self.hold_lease(&key));
         let outcome = self
             .call_with_retries(&task, &model, estimated_tokens, protected, prepaid)
             .await;
-        if let Some(renewal) = renewal {
-            renewal.abort();
-        }
 
         match outcome {
             Outcome::Answered {
@@ -219,25 +231,26 @@ impl WorkerHandler {
                 if protected && self.store_result(&key, &result).await.is_err() {
                     return Disposition::Abandon;
                 }
-                self.produce_result(&task, result, Provenance::Paid, &trace)
+                // Storing the result gave the lease back.
+                if let Some(lease) = lease {
+                    lease.forget();
+                }
+                self.produce_result(&record, &task, result, Provenance::Paid, &trace)
                     .await
             }
             Outcome::Failed(failure) => {
-                self.release_lease(&key, leased).await;
+                if let Some(lease) = lease {
+                    lease.release().await;
+                }
                 let failure = failure.for_ticket(&task.ticket_id, &task.tenant_id);
                 self.dead_letter(&record, failure, &trace).await
             }
             Outcome::Interrupted => {
-                self.release_lease(&key, leased).await;
+                if let Some(lease) = lease {
+                    lease.release().await;
+                }
                 Disposition::Abandon
             }
-        }
-    }
-
-    /// Lets the next consumer of this key call at once instead of waiting out the lease.
-    async fn release_lease(&self, key: &str, leased: bool) {
-        if leased && let Err(error) = self.store.release_lease(key, &self.worker_id).await {
-            tracing::debug!(error = %error, "failed to release lease; it expires by itself");
         }
     }
 
@@ -333,26 +346,31 @@ impl WorkerHandler {
         }
     }
 
-    fn spawn_lease_renewal(&self, key: &str) -> tokio::task::JoinHandle<()> {
+    /// Keeps our lease on `key` alive (renewed every third of its TTL) until the guard goes.
+    fn hold_lease(&self, key: &str) -> LeaseGuard {
         let store = self.store.clone();
-        let key = key.to_owned();
         let owner = self.worker_id.clone();
         let ttl = self.config.cache.lease_ttl;
-        tokio::spawn(async move {
+        let renewed_key = key.to_owned();
+        let renewal = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(ttl / 3).await;
-                match store.renew_lease(&key, &owner, ttl).await {
+                match store.renew_lease(&renewed_key, &owner, ttl).await {
                     Ok(true) => {}
                     Ok(false) => {
-                        tracing::warn!(key = %key, "lost the in-flight lease; another worker may call too");
+                        tracing::warn!(key = %renewed_key, "lost the in-flight lease; another worker may call too");
                         return;
                     }
                     Err(error) => {
-                        tracing::debug!(key = %key, error = %error, "failed to renew lease")
+                        tracing::debug!(key = %renewed_key, error = %error, "failed to renew lease")
                     }
                 }
             }
-        })
+        });
+        LeaseGuard {
+            renewal,
+            release: Some((self.store.clone(), key.to_owned(), self.worker_id.clone())),
+        }
     }
 
     async fn call_with_retries(
@@ -407,7 +425,10 @@ impl WorkerHandler {
             }
 
             if attempts == 0
-                && let Some(accepted) = task.accepted_at.as_ref().and_then(to_system_time)
+                && let Some(accepted) = task
+                    .accepted_at
+                    .as_ref()
+                    .and_then(triage_proto::to_system_time)
             {
                 let waited = SystemTime::now()
                     .duration_since(accepted)
@@ -536,6 +557,11 @@ impl WorkerHandler {
                             }
                             let delay = match wait {
                                 Some(wait) => {
+                                    // Past max_provider_wait a gateway's header is not believed;
+                                    // past the deadline it would only end in a dead letter.
+                                    let wait = wait
+                                        .min(self.config.retry.max_provider_wait)
+                                        .min(self.config.retry.deadline);
                                     // Tell every replica, then wait what the provider asked, plus
                                     // jitter so that the waiters do not return all at once.
                                     self.note_provider_limit(model, wait, protected).await;
@@ -746,6 +772,7 @@ impl WorkerHandler {
     /// acknowledgement, retrying until it comes or shutdown.
     async fn produce_result(
         &self,
+        record: &OwnedMessage,
         task: &InferenceTask,
         mut result: InferenceResult,
         provenance: Provenance,
@@ -767,11 +794,20 @@ impl WorkerHandler {
             )
             .await;
         match sent {
-            Some(_) => {
+            Ok(_) => {
                 self.metrics.results.inc();
                 Disposition::Done
             }
-            None => Disposition::Abandon,
+            Err(Unsent::ShutDown) => Disposition::Abandon,
+            Err(Unsent::Rejected(error)) => {
+                let failure = Failure::immediate(
+                    ErrorClass::InvalidOutput,
+                    format!("the result cannot be produced: {error}"),
+                )
+                .for_ticket(&task.ticket_id, &task.tenant_id);
+                self.dead_letter(record, failure, trace).await
+            }
+            Err(Unsent::Fatal(error)) => Disposition::Fatal(error.to_string()),
         }
     }
 
@@ -783,27 +819,21 @@ impl WorkerHandler {
     ) -> Disposition {
         let class = failure.class;
         tracing::debug!(class = class.label(), error = %failure.message, "dead-lettering task");
-        let envelope = dead_letter::envelope(record, failure, SERVICE);
-        let key = dead_letter::record_key(&envelope);
-        let topic = &self.config.topics.dead_letters;
         let trace = if trace.span().span_context().is_valid() {
             trace.clone()
         } else {
             headers::extract_trace_context(record.headers())
         };
-        let sent = self
-            .producer
-            .send_until_acknowledged(
-                topic,
-                &key,
-                &envelope,
-                &trace,
-                PRODUCE_RETRY,
-                &self.shutdown,
-            )
-            .await;
-        if sent.is_none() {
-            return Disposition::Abandon;
+        let target = DeadLetterTarget {
+            producer: &self.producer,
+            topic: &self.config.topics.dead_letters,
+            service: SERVICE,
+            delays: PRODUCE_RETRY,
+            shutdown: &self.shutdown,
+        };
+        let disposition = target.produce(record, failure, &trace).await;
+        if disposition != Disposition::Done {
+            return disposition;
         }
         self.metrics
             .dead_letters
@@ -820,6 +850,67 @@ impl WorkerHandler {
         tokio::select! {
             () = tokio::time::sleep(duration) => true,
             () = shutdown.wait() => false,
+        }
+    }
+}
+
+/// The most prompt text a task may carry. Dispatch cuts tickets to `max_ticket_chars` (about
+/// 24 kB by default); a task far past that was published by someone else, and would be paid for
+/// (or refused by the provider) at any size.
+const MAX_PROMPT_BYTES: usize = 512 * 1024;
+
+/// The contract rules a decoded task must meet before it costs anything: a result it could
+/// never store (a timestamp out of range) or a prompt no model should be sent is the
+/// producer's mistake, dead-lettered as `invalid_event`.
+fn check_task(task: &InferenceTask) -> Result<(), String> {
+    triage_proto::check_timestamps(task).map_err(|error| error.to_string())?;
+    let prompt_bytes: usize = task.messages.iter().map(|m| m.content.len()).sum();
+    if prompt_bytes > MAX_PROMPT_BYTES {
+        return Err(format!(
+            "the prompt is {prompt_bytes} bytes; a task may carry at most {MAX_PROMPT_BYTES}"
+        ));
+    }
+    Ok(())
+}
+
+/// Our in-flight lease while a task calls the provider. However the task ends (an answer, a
+/// dead letter, shutdown, or a panic unwinding through it), the renewal stops with the guard
+/// and the lease is given back, so no lease outlives its task by more than a round trip, and a
+/// second consumer never waits out the TTL behind a task that is gone.
+struct LeaseGuard {
+    renewal: tokio::task::JoinHandle<()>,
+    /// (store, key, owner) while the lease is still ours to give back.
+    release: Option<(RedisStore, String, String)>,
+}
+
+impl LeaseGuard {
+    /// Gives the lease back now, so that the next consumer of the key may call at once.
+    async fn release(mut self) {
+        self.renewal.abort();
+        if let Some((store, key, owner)) = self.release.take()
+            && let Err(error) = store.release_lease(&key, &owner).await
+        {
+            tracing::debug!(error = %error, "failed to release lease; it expires by itself");
+        }
+    }
+
+    /// Stops renewing a lease that is already given back (storing the result releases it).
+    fn forget(mut self) {
+        self.release = None;
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.renewal.abort();
+        if let Some((store, key, owner)) = self.release.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                if let Err(error) = store.release_lease(&key, &owner).await {
+                    tracing::debug!(error = %error, "failed to release lease; it expires by itself");
+                }
+            });
         }
     }
 }
@@ -868,10 +959,11 @@ enum ClaimOutcome {
 }
 
 fn jitter(max: Duration) -> Duration {
-    if max.is_zero() {
+    let micros = u64::try_from(max.as_micros()).unwrap_or(u64::MAX);
+    if micros == 0 {
         return Duration::ZERO;
     }
-    Duration::from_micros(rand::rng().random_range(0..max.as_micros() as u64))
+    Duration::from_micros(rand::rng().random_range(0..micros))
 }
 
 /// A rough count (4 characters a token) for the token reservation; corrected after the call.
@@ -880,9 +972,4 @@ fn estimate_tokens(messages: &[triage_proto::v1::ChatMessage]) -> u64 {
         .iter()
         .map(|m| m.content.chars().count() as u64 / 4 + 4)
         .sum()
-}
-
-fn to_system_time(timestamp: &triage_proto::wkt::Timestamp) -> Option<SystemTime> {
-    let seconds = u64::try_from(timestamp.seconds).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::new(seconds, timestamp.nanos.max(0) as u32))
 }

@@ -157,6 +157,26 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// The longest wait a provider's header may impose. Headers come from whatever gateway sits in
+/// front of the model; a value of years (or infinity) would park a task past any deadline that
+/// could still help, so anything longer is read as this, and the task's retry deadline then
+/// decides.
+pub const MAX_PROVIDER_WAIT: Duration = Duration::from_secs(15 * 60);
+
+/// Seconds from a provider's header as a wait. Negative and NaN values say nothing usable
+/// (`None`: the caller falls back to its own backoff); large and infinite ones are capped at
+/// [`MAX_PROVIDER_WAIT`]. Never panics, whatever the header held.
+pub fn wait_from_secs(seconds: f64) -> Option<Duration> {
+    if seconds.is_nan() || seconds < 0.0 {
+        return None;
+    }
+    Some(
+        Duration::try_from_secs_f64(seconds)
+            .unwrap_or(MAX_PROVIDER_WAIT)
+            .min(MAX_PROVIDER_WAIT),
+    )
+}
+
 /// Parses OpenAI's reset durations (`1s`, `6m0s`, `120ms`, `1m30.5s`, `2h0m0s`), which follow Go's
 /// `time.Duration` format.
 pub fn parse_duration(text: &str) -> Option<Duration> {
@@ -188,23 +208,20 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         total += value * seconds_per_unit;
         rest = &rest[unit_len..];
     }
-    Some(Duration::from_secs_f64(total))
+    wait_from_secs(total)
 }
 
 /// How long a 429 asks the caller to wait: `retry-after-ms`, `Retry-After` (seconds), then the
 /// reset of whichever budget is exhausted.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) =
-        header_str(headers, "retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok())
-    {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
-    }
-    if let Some(secs) =
-        header_str(headers, "retry-after").and_then(|v| v.trim().parse::<f64>().ok())
-    {
-        return Some(Duration::from_secs_f64(secs));
-    }
-    RateLimitHeaders::parse(headers).exhausted_for()
+    let seconds = |name: &str, per_second: f64| {
+        header_str(headers, name)
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .and_then(|value| wait_from_secs(value / per_second))
+    };
+    seconds("retry-after-ms", 1000.0)
+        .or_else(|| seconds("retry-after", 1.0))
+        .or_else(|| RateLimitHeaders::parse(headers).exhausted_for())
 }
 
 /// A successful completion.
@@ -482,6 +499,112 @@ mod tests {
     use reqwest::header::HeaderValue;
 
     use super::*;
+
+    /// What a hostile or careless gateway puts in a header: numbers of every sign and size,
+    /// NaN and infinities, Go durations, dates, garbage and non-ASCII text.
+    fn header_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<f64>().prop_map(|value| value.to_string()),
+            any::<i64>().prop_map(|value| value.to_string()),
+            prop::sample::select(vec![
+                "-5",
+                "-0",
+                "NaN",
+                "nan",
+                "inf",
+                "-inf",
+                "infinity",
+                "1e400",
+                "-1e400",
+                "",
+                " ",
+                "0.0000001",
+                "1e-300",
+                "99999999999999999999999999",
+                "6m0s",
+                "1h1h1h",
+                "0.5ms",
+                "3µs",
+                "1.2.3s",
+                "ms",
+                "Wed, 21 Oct 2015 07:28:00 GMT",
+                "١٢",
+            ])
+            .prop_map(str::to_owned),
+            "[0-9.hmsµun-]{0,24}",
+            "\\PC{0,16}",
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|cases| cases.parse().ok()).unwrap_or(512),
+            ..Default::default()
+        })]
+
+        #[test]
+        fn no_provider_header_panics_or_asks_for_more_than_the_cap(
+            values in proptest::collection::vec(header_text(), 8),
+            status in 100u16..600,
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+        ) {
+            let names = [
+                "retry-after", "retry-after-ms", "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+                "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ];
+            let mut map = HeaderMap::new();
+            for (name, value) in names.iter().zip(&values) {
+                if let Ok(value) = HeaderValue::from_str(value) {
+                    map.insert(*name, value);
+                }
+            }
+            let limits = RateLimitHeaders::parse(&map);
+            for wait in [
+                retry_after(&map),
+                limits.next_capacity_in(),
+                limits.exhausted_for(),
+                limits.reset_requests,
+                limits.reset_tokens,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                proptest::prop_assert!(wait <= MAX_PROVIDER_WAIT, "{wait:?} from {values:?}");
+            }
+            let status = StatusCode::from_u16(status).unwrap();
+            let error = classify_failure(status, &map, &body);
+            let _ = (error.action(), error.label(), error.to_string());
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                let is_retry = matches!(error.action(), FailureAction::Retry { .. });
+                proptest::prop_assert!(is_retry);
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_retry_after_values_fall_back_or_are_capped() {
+        for value in ["-5", "NaN", "-inf", "", "soon"] {
+            assert_eq!(
+                retry_after(&headers(&[("retry-after-ms", value)])),
+                None,
+                "{value}"
+            );
+        }
+        for value in ["inf", "1e400", "99999999999999999999999"] {
+            assert_eq!(
+                retry_after(&headers(&[("retry-after", value)])),
+                Some(MAX_PROVIDER_WAIT),
+                "{value}"
+            );
+        }
+        // A negative milliseconds header does not hide a usable seconds one.
+        let map = headers(&[("retry-after-ms", "-5"), ("retry-after", "2")]);
+        assert_eq!(retry_after(&map), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("9999999999h"), Some(MAX_PROVIDER_WAIT));
+    }
 
     #[test]
     fn openai_reset_durations_parse() {
