@@ -5,11 +5,19 @@
 //! As soon as it holds `batch.max_rows` results, or `batch.max_delay` after its first result
 //! arrived, whichever comes first. The next batch fills while one is being written.
 //!
-//! # PostgreSQL unavailable
-//! A failed or timed-out transaction is retried with exponential backoff, forever, and the
-//! consumer's [`FetchGate`] is closed meanwhile so that no more records are fetched. Nothing is
-//! skipped: the handlers of the batch keep waiting and their offsets stay uncommitted. Only a
-//! shutdown ends the retries; the batch's records are then abandoned and consumed again later.
+//! # When PostgreSQL refuses
+//! Each failure is classed once ([`DbFailure`]):
+//! - transient (unreachable, restarting, timed out): the transaction is retried with
+//!   exponential backoff, forever, and the consumer's [`FetchGate`] is closed meanwhile so that
+//!   no more records are fetched. Nothing is skipped: the handlers of the batch keep waiting and
+//!   their offsets stay uncommitted. Only a shutdown ends the retries; the batch's records are
+//!   then abandoned and consumed again later.
+//! - a row PostgreSQL refuses (SQLSTATE classes 22, 23 and 54): the batch is split in halves until
+//!   the refused rows stand alone; every other row is written, and each refused one is handed
+//!   back to its handler as [`Written::Refused`] with the server's words, to be dead-lettered.
+//!   A batch of n rows with one bad row costs about 2·log2(n) extra transactions.
+//! - fatal (credentials, permissions, missing schema): every handler of the batch hears
+//!   [`Written::Fatal`], and the consumer stops the process.
 //!
 //! # After the commit
 //! Handlers are released first (their offsets may be committed), then the rows that actually
@@ -24,17 +32,42 @@ use triage_runtime::{kafka::consumer::FetchGate, shutdown::Shutdown};
 
 use crate::{
     config::{BatchConfig, DatabaseConfig},
-    db::Store,
+    db::{DbFailure, Store},
     metrics::WriterMetrics,
     triage::{NewTriage, Triage},
     webhook::Webhooks,
 };
 
-/// One result waiting for its batch; `written_tx` fires once the row is committed (or was
-/// already newer in the table). Dropping it unsent means "not durable".
+/// One result waiting for its batch; `written_tx` says what became of it. Dropping it unsent
+/// means "not durable".
 pub struct Pending {
     pub triage: NewTriage,
-    pub written_tx: oneshot::Sender<()>,
+    pub written_tx: oneshot::Sender<Written>,
+}
+
+/// What became of a result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// Committed, or the table already held a newer result of its key.
+    Stored,
+    /// PostgreSQL refuses this row itself (the server's words); it will never be stored.
+    Refused(String),
+    /// No row can be written (credentials, permissions, schema).
+    Fatal(String),
+}
+
+/// One row of a batch and the handlers waiting for it.
+struct Row {
+    triage: NewTriage,
+    waiters: Vec<oneshot::Sender<Written>>,
+}
+
+/// How one transaction attempt ended, after transient failures were retried.
+enum Attempt {
+    Committed(Vec<(usize, chrono::DateTime<Utc>)>),
+    Refused(String),
+    Fatal(String),
+    ShutDown,
 }
 
 pub struct BatchWriter {
@@ -74,63 +107,76 @@ impl BatchWriter {
     async fn write(&self, batch: Vec<Pending>, shutdown: &Shutdown) {
         let started = Instant::now();
         let results = batch.len();
-        let (rows, waiters) = newest_per_key(batch);
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(self.database.retry_min_delay)
-            .with_max_delay(self.database.retry_max_delay)
-            .without_max_times()
-            .with_jitter()
-            .build();
-        let mut failed = false;
-        let changed = loop {
-            let error =
-                match tokio::time::timeout(self.database.write_timeout, self.store.upsert(&rows))
-                    .await
-                {
-                    Ok(Ok(changed)) => break changed,
-                    Ok(Err(error)) => error.to_string(),
-                    Err(_) => format!("no commit within {:?}", self.database.write_timeout),
-                };
-            self.metrics.db_errors.inc();
-            self.gate.close();
-            failed = true;
-            if shutdown.is_triggered() {
-                tracing::warn!(
-                    results,
-                    error,
-                    "batch not written before shutdown; its records stay uncommitted and will be consumed again"
-                );
-                return;
+        // Slices of the batch still to write; a refused slice is split in halves until the
+        // refused rows stand alone.
+        let mut todo = vec![newest_per_key(batch)];
+        let mut written: Vec<(NewTriage, chrono::DateTime<Utc>)> = Vec::new();
+        let mut rows_refused = 0usize;
+        while let Some(mut slice) = todo.pop() {
+            let triages: Vec<NewTriage> = slice.iter().map(|row| row.triage.clone()).collect();
+            match self.commit(&triages, shutdown).await {
+                Attempt::Committed(changed) => {
+                    for row in &mut slice {
+                        for waiter in row.waiters.drain(..) {
+                            let _ = waiter.send(Written::Stored);
+                        }
+                    }
+                    let mut rows: Vec<Option<NewTriage>> = triages.into_iter().map(Some).collect();
+                    written.extend(changed.into_iter().filter_map(|(index, written_at)| {
+                        Some((rows.get_mut(index)?.take()?, written_at))
+                    }));
+                }
+                Attempt::Refused(reason) if slice.len() > 1 => {
+                    tracing::info!(
+                        rows = slice.len(),
+                        reason,
+                        "PostgreSQL refused a row of the batch; isolating it"
+                    );
+                    let second = slice.split_off(slice.len() / 2);
+                    todo.push(second);
+                    todo.push(slice);
+                }
+                Attempt::Refused(reason) => {
+                    rows_refused += 1;
+                    let row = slice.pop();
+                    tracing::warn!(
+                        ticket_id = row.as_ref().map(|row| row.triage.ticket_id.as_str()),
+                        reason,
+                        "PostgreSQL refuses the row; its result is dead-lettered"
+                    );
+                    for waiter in row.into_iter().flat_map(|row| row.waiters) {
+                        let _ = waiter.send(Written::Refused(reason.clone()));
+                    }
+                }
+                Attempt::Fatal(reason) => {
+                    tracing::error!(reason, "PostgreSQL refuses every write; stopping");
+                    let rest = todo.drain(..).flatten();
+                    for row in slice.into_iter().chain(rest) {
+                        for waiter in row.waiters {
+                            let _ = waiter.send(Written::Fatal(reason.clone()));
+                        }
+                    }
+                    return;
+                }
+                Attempt::ShutDown => {
+                    tracing::warn!(
+                        results,
+                        "batch not written before shutdown; its records stay uncommitted and will be consumed again"
+                    );
+                    return;
+                }
             }
-            let delay = delays.next().unwrap_or(self.database.retry_max_delay);
-            tracing::warn!(results, retry_in = ?delay, error, "failed to write a batch; fetching paused until it succeeds");
-            let mut shutdown_wait = shutdown.clone();
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = shutdown_wait.wait() => {}
-            }
-        };
-        if failed {
-            self.gate.open();
-            tracing::info!(results, "batch written after retries; fetching resumed");
         }
         let committed_at = Utc::now();
-        for waiter in waiters {
-            let _ = waiter.send(());
-        }
-        self.metrics.rows_written.inc_by(changed.len() as u64);
+        self.metrics.rows_written.inc_by(written.len() as u64);
         self.metrics
             .results_unchanged
-            .inc_by((results - changed.len()) as u64);
+            .inc_by(results.saturating_sub(written.len() + rows_refused) as u64);
         self.metrics.batch_rows.observe(results as f64);
         self.metrics
             .batch_seconds
             .observe(started.elapsed().as_secs_f64());
-        let mut rows: Vec<Option<NewTriage>> = rows.into_iter().map(Some).collect();
-        for (index, written_at) in changed {
-            let Some(row) = rows.get_mut(index).and_then(Option::take) else {
-                continue;
-            };
+        for (row, written_at) in written {
             if let Some(accepted_at) = row.accepted_at {
                 let latency = (committed_at - accepted_at).to_std().unwrap_or_default();
                 self.metrics.e2e_seconds.observe(latency.as_secs_f64());
@@ -141,34 +187,85 @@ impl BatchWriter {
             let _ = self.published_tx.send(triage);
         }
     }
+
+    /// One transaction of `rows`, retried while its failure is transient, with fetching paused.
+    async fn commit(&self, rows: &[NewTriage], shutdown: &Shutdown) -> Attempt {
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(self.database.retry_min_delay)
+            .with_max_delay(self.database.retry_max_delay)
+            .without_max_times()
+            .with_jitter()
+            .build();
+        let mut failed = false;
+        let attempt = loop {
+            let error =
+                match tokio::time::timeout(self.database.write_timeout, self.store.upsert(rows))
+                    .await
+                {
+                    Ok(Ok(changed)) => break Attempt::Committed(changed),
+                    Ok(Err(error)) => match error.failure() {
+                        DbFailure::Transient => error.to_string(),
+                        DbFailure::RowRejected => break Attempt::Refused(error.to_string()),
+                        DbFailure::Fatal => break Attempt::Fatal(error.to_string()),
+                    },
+                    Err(_) => format!("no commit within {:?}", self.database.write_timeout),
+                };
+            self.metrics.db_errors.inc();
+            self.gate.close();
+            failed = true;
+            if shutdown.is_triggered() {
+                break Attempt::ShutDown;
+            }
+            let delay = delays.next().unwrap_or(self.database.retry_max_delay);
+            tracing::warn!(rows = rows.len(), retry_in = ?delay, error, "failed to write a batch; fetching paused until it succeeds");
+            let mut shutdown_wait = shutdown.clone();
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown_wait.wait() => {}
+            }
+        };
+        if failed {
+            self.gate.open();
+            tracing::info!(
+                rows = rows.len(),
+                "database answered again; fetching resumed"
+            );
+        }
+        attempt
+    }
 }
 
 /// One row per (ticket, prompt version): PostgreSQL cannot update a row twice in one statement.
 /// The newest `triaged_at` wins, as in the table; on a tie the first one stays, as in the table.
-/// Every waiter is kept: each result is durable once the batch commits.
-fn newest_per_key(batch: Vec<Pending>) -> (Vec<NewTriage>, Vec<oneshot::Sender<()>>) {
-    let mut rows: Vec<NewTriage> = Vec::with_capacity(batch.len());
-    let mut waiters = Vec::with_capacity(batch.len());
+/// Every waiter is kept with its row: each result is durable once its row commits.
+fn newest_per_key(batch: Vec<Pending>) -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::with_capacity(batch.len());
     let mut positions: HashMap<(String, String), usize> = HashMap::with_capacity(batch.len());
     for pending in batch {
-        waiters.push(pending.written_tx);
         let key = (
             pending.triage.ticket_id.clone(),
             pending.triage.prompt_version.clone(),
         );
-        match positions.get(&key) {
-            Some(&position) => {
-                if pending.triage.triaged_at > rows[position].triaged_at {
-                    rows[position] = pending.triage;
+        match positions
+            .get(&key)
+            .and_then(|&position| rows.get_mut(position))
+        {
+            Some(row) => {
+                row.waiters.push(pending.written_tx);
+                if pending.triage.triaged_at > row.triage.triaged_at {
+                    row.triage = pending.triage;
                 }
             }
             None => {
                 positions.insert(key, rows.len());
-                rows.push(pending.triage);
+                rows.push(Row {
+                    triage: pending.triage,
+                    waiters: vec![pending.written_tx],
+                });
             }
         }
     }
-    (rows, waiters)
+    rows
 }
 
 #[cfg(test)]
@@ -205,7 +302,7 @@ mod tests {
 
     #[test]
     fn a_batch_keeps_the_newest_result_of_each_key_and_every_waiter() {
-        let (rows, waiters) = newest_per_key(vec![
+        let rows = newest_per_key(vec![
             pending("t-1", "v1", 10, "old"),
             pending("t-2", "v1", 10, "other"),
             pending("t-1", "v1", 20, "new"),
@@ -213,14 +310,14 @@ mod tests {
             pending("t-1", "v2", 5, "second version"),
             pending("t-1", "v1", 20, "tie"),
         ]);
-        assert_eq!(waiters.len(), 6);
+        assert_eq!(rows.iter().map(|r| r.waiters.len()).sum::<usize>(), 6);
         let categories: Vec<_> = rows
             .iter()
             .map(|r| {
                 (
-                    r.ticket_id.as_str(),
-                    r.prompt_version.as_str(),
-                    r.category.as_str(),
+                    r.triage.ticket_id.as_str(),
+                    r.triage.prompt_version.as_str(),
+                    r.triage.category.as_str(),
                 )
             })
             .collect();

@@ -26,18 +26,81 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[(
     include_str!("../migrations/0001_triage_results.sql"),
 )];
 
-/// Why a database operation failed. All of them are retryable from the writer's point of view:
-/// results were validated before, so a failure means the database is unreachable or unwell.
+/// Why a database operation failed; [`DbError::failure`] says what that means for the rows.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("cannot build the PostgreSQL pool: {0}")]
     Build(String),
-    #[error("no PostgreSQL connection: {0}")]
+    #[error("no PostgreSQL connection: {}", describe_pool(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("PostgreSQL query failed: {0}")]
+    #[error("PostgreSQL query failed: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
     #[error("database.schema {0:?} is not a plain identifier")]
     Schema(String),
+}
+
+/// What a database failure means, decided here once for the writer and the read API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DbFailure {
+    /// Unreachable, restarting, overloaded, timed out, a serialization conflict: try again.
+    Transient,
+    /// PostgreSQL refused the data itself (SQLSTATE class 22 data exception, 23 integrity
+    /// constraint, 54 program limit exceeded, e.g. an id too long for its index): the same rows
+    /// will be refused forever, so the row that causes it is
+    /// dead-lettered and the rest are written.
+    RowRejected,
+    /// Credentials, permissions, a missing database or schema: no row can be written until an
+    /// operator acts, so the process exits.
+    Fatal,
+}
+
+impl DbError {
+    pub fn failure(&self) -> DbFailure {
+        match self {
+            DbError::Build(_) | DbError::Schema(_) => DbFailure::Fatal,
+            DbError::Pool(deadpool_postgres::PoolError::Backend(error)) | DbError::Query(error) => {
+                classify(error)
+            }
+            DbError::Pool(_) => DbFailure::Transient,
+        }
+    }
+}
+
+fn classify(error: &tokio_postgres::Error) -> DbFailure {
+    let Some(code) = error.code().map(tokio_postgres::error::SqlState::code) else {
+        // No SQLSTATE: the connection broke or never opened.
+        return DbFailure::Transient;
+    };
+    match (code.get(..2), code) {
+        (Some("22" | "23" | "54"), _) => DbFailure::RowRejected,
+        // invalid authorization, invalid catalog (database), invalid schema name.
+        (Some("28" | "3D" | "3F"), _) => DbFailure::Fatal,
+        // insufficient privilege; the table is gone.
+        (_, "42501" | "42P01") => DbFailure::Fatal,
+        _ => DbFailure::Transient,
+    }
+}
+
+/// The server's own words (SQLSTATE, message, detail): tokio-postgres' `Display` says only
+/// "db error", which tells an operator at 3 a.m. nothing.
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!(" ({detail})"));
+            }
+            text
+        }
+        None => error.to_string(),
+    }
+}
+
+fn describe_pool(error: &deadpool_postgres::PoolError) -> String {
+    match error {
+        deadpool_postgres::PoolError::Backend(error) => describe(error),
+        other => other.to_string(),
+    }
 }
 
 /// A pool whose connections all use `config.schema` as their `search_path`.

@@ -12,7 +12,7 @@ use triage_proto::v1::{ErrorClass, InferenceResult};
 use triage_runtime::{
     kafka::{
         consumer::{Disposition, RecordHandler},
-        dead_letter::{self, Failure},
+        dead_letter::{DeadLetterTarget, Failure},
         headers,
         producer::{ContractProducer, RetryDelays},
     },
@@ -20,15 +20,16 @@ use triage_runtime::{
 };
 
 use crate::{
-    batch::Pending,
+    batch::{Pending, Written},
     metrics::WriterMetrics,
     triage::{NewTriage, Source},
 };
 
 /// A record after `prepare`.
 pub enum Item {
-    /// A valid triage, ready for the table, with the trace context its record carried.
-    Triage(NewTriage, opentelemetry::Context),
+    /// A valid triage, ready for the table, with the trace context its record carried and the
+    /// record itself, dead-lettered if PostgreSQL refuses the row.
+    Triage(Box<NewTriage>, opentelemetry::Context, OwnedMessage),
     /// A record that cannot be stored; it goes to the dead-letter topic.
     Reject {
         record: OwnedMessage,
@@ -70,6 +71,14 @@ impl RecordHandler for ResultHandler {
             }
         };
         let ids = (result.ticket_id.clone(), result.tenant_id.clone());
+        if let Err(error) = triage_proto::check_timestamps(&result) {
+            return Item::Reject {
+                class: ErrorClass::InvalidEvent,
+                message: error.to_string(),
+                ids: Some(ids),
+                record,
+            };
+        }
         let source = Source {
             partition: record.partition(),
             offset: record.offset(),
@@ -79,7 +88,10 @@ impl RecordHandler for ResultHandler {
                 .and_then(DateTime::from_timestamp_millis),
         };
         match NewTriage::from_result(result, source) {
-            Ok(triage) => Item::Triage(triage, headers::extract_trace_context(record.headers())),
+            Ok(triage) => {
+                let trace = headers::extract_trace_context(record.headers());
+                Item::Triage(Box::new(triage), trace, record)
+            }
             Err(error) => Item::Reject {
                 class: ErrorClass::InvalidEvent,
                 message: error.to_string(),
@@ -89,18 +101,27 @@ impl RecordHandler for ResultHandler {
         }
     }
 
+    fn unprocessable(&self, record: OwnedMessage, reason: String) -> Item {
+        Item::Reject {
+            record,
+            class: ErrorClass::Unprocessable,
+            message: reason,
+            ids: None,
+        }
+    }
+
     fn ordering_key(&self, item: &Item) -> Option<Vec<u8>> {
         // One result of a ticket at a time, so a ticket is never in two batches at once and its
         // results are written in offset order.
         match item {
-            Item::Triage(triage, _) => Some(triage.ticket_id.as_bytes().to_vec()),
+            Item::Triage(triage, _, _) => Some(triage.ticket_id.as_bytes().to_vec()),
             Item::Reject { record, .. } => record.key().map(<[u8]>::to_vec),
         }
     }
 
     async fn handle(&self, item: Item) -> Disposition {
         match item {
-            Item::Triage(triage, trace) => {
+            Item::Triage(triage, trace, record) => {
                 // The last hop of the ticket's trace: consumed, then durable in PostgreSQL.
                 let span = tracing::info_span!(
                     "store triage",
@@ -115,13 +136,23 @@ impl RecordHandler for ResultHandler {
                 );
                 let _ = span.set_parent(trace);
                 async move {
+                    let ids = (triage.ticket_id.clone(), triage.tenant_id.clone());
                     let (written_tx, written_rx) = oneshot::channel();
-                    let pending = Pending { triage, written_tx };
+                    let pending = Pending {
+                        triage: *triage,
+                        written_tx,
+                    };
                     if self.pending_tx.send(pending).await.is_err() {
                         return Disposition::Abandon;
                     }
                     match written_rx.await {
-                        Ok(()) => Disposition::Done,
+                        Ok(Written::Stored) => Disposition::Done,
+                        Ok(Written::Refused(reason)) => {
+                            let message = format!("PostgreSQL refuses the row: {reason}");
+                            self.dead_letter(&record, ErrorClass::InvalidEvent, message, Some(ids))
+                                .await
+                        }
+                        Ok(Written::Fatal(reason)) => Disposition::Fatal(reason),
                         Err(_) => Disposition::Abandon,
                     }
                 }
@@ -139,8 +170,7 @@ impl RecordHandler for ResultHandler {
 }
 
 impl ResultHandler {
-    /// Produces the record's dead letter, retrying until the broker acknowledges it; only a
-    /// shutdown gives up (the record is then consumed again).
+    /// Produces the record's dead letter and waits for the broker's acknowledgement.
     async fn dead_letter(
         &self,
         record: &OwnedMessage,
@@ -152,26 +182,20 @@ impl ResultHandler {
         if let Some((ticket_id, tenant_id)) = &ids {
             failure = failure.for_ticket(ticket_id, tenant_id);
         }
-        let envelope = dead_letter::envelope(record, failure, crate::SERVICE);
-        let key = dead_letter::record_key(&envelope);
         let trace = headers::extract_trace_context(record.headers());
-        let delays = RetryDelays {
-            min: self.retry_min_delay,
-            max: self.retry_max_delay,
+        let target = DeadLetterTarget {
+            producer: &self.producer,
+            topic: &self.dead_letters_topic,
+            service: crate::SERVICE,
+            delays: RetryDelays {
+                min: self.retry_min_delay,
+                max: self.retry_max_delay,
+            },
+            shutdown: &self.shutdown,
         };
-        let sent = self
-            .producer
-            .send_until_acknowledged(
-                &self.dead_letters_topic,
-                &key,
-                &envelope,
-                &trace,
-                delays,
-                &self.shutdown,
-            )
-            .await;
-        if sent.is_none() {
-            return Disposition::Abandon;
+        let disposition = target.produce(record, failure, &trace).await;
+        if disposition != Disposition::Done {
+            return disposition;
         }
         self.metrics.dead_letters.inc();
         tracing::debug!(
