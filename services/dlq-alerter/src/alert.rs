@@ -116,6 +116,25 @@ impl DeadLetterAlert {
         }
     }
 
+    /// A dead-letter record this stage failed on repeatedly: alerted with the reason, so that a
+    /// person still hears of the dead letter it holds.
+    pub fn unprocessable(record: &OwnedMessage, reason: String, settings: &AlertSettings) -> Self {
+        let payload = record.payload().unwrap_or_default();
+        let position = Position {
+            topic: record.topic().to_owned(),
+            partition: record.partition(),
+            offset: record.offset(),
+        };
+        DeadLetterAlert {
+            error_class: ErrorClass::Unprocessable.label().to_owned(),
+            error_message: format!(
+                "dlq-alerter could not process this dead-letter record ({} bytes): {reason}",
+                payload.len()
+            ),
+            ..Self::raw(payload, position, settings)
+        }
+    }
+
     fn undecodable(
         payload: &[u8],
         error: &triage_proto::DecodeError,
@@ -123,12 +142,21 @@ impl DeadLetterAlert {
         settings: &AlertSettings,
     ) -> Self {
         DeadLetterAlert {
-            dead_letter_id: String::new(),
             error_class: ErrorClass::Decode.label().to_owned(),
             error_message: format!(
                 "the record on the dead-letter topic is not a DeadLetter envelope ({} bytes): {error}",
                 payload.len()
             ),
+            ..Self::raw(payload, dead_letter_record, settings)
+        }
+    }
+
+    /// An alert about a dead-letter record known only by its bytes and position.
+    fn raw(payload: &[u8], dead_letter_record: Position, settings: &AlertSettings) -> Self {
+        DeadLetterAlert {
+            dead_letter_id: String::new(),
+            error_class: String::new(),
+            error_message: String::new(),
             ticket_id: String::new(),
             tenant_id: String::new(),
             source: dead_letter_record.clone(),

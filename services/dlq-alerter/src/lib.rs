@@ -68,6 +68,10 @@ impl RecordHandler for AlertHandler {
         DeadLetterAlert::from_record(&record, &self.settings)
     }
 
+    fn unprocessable(&self, record: OwnedMessage, reason: String) -> DeadLetterAlert {
+        DeadLetterAlert::unprocessable(&record, reason, &self.settings)
+    }
+
     fn ordering_key(&self, _alert: &DeadLetterAlert) -> Option<Vec<u8>> {
         // Alerts of one ticket need no order: each is delivered on its own or in a summary.
         None

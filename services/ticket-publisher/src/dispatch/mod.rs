@@ -27,7 +27,7 @@ pub mod render;
 use std::{
     collections::BTreeMap,
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, UNIX_EPOCH},
 };
 
 use backon::{ExponentialBuilder, Retryable};
@@ -50,7 +50,13 @@ use triage_proto::{
     ContentType,
     v1::{DeadLetter, ErrorClass, InferenceTask, TicketCreated},
 };
-use triage_runtime::{kafka::headers, shutdown::Shutdown};
+use triage_runtime::{
+    kafka::{
+        dead_letter::{self, Failure},
+        headers,
+    },
+    shutdown::Shutdown,
+};
 
 use crate::{SERVICE, config::Config};
 
@@ -525,13 +531,18 @@ fn route(message: &OwnedMessage, config: &Config) -> Outbound {
             );
         }
     };
-    if let Err(error) = render::check(&event) {
+    // Checked here, at the edge: a timestamp no later stage can store or compute with is the
+    // event's fault, and would otherwise fail three stages further on.
+    let checked = render::check(&event)
+        .map_err(|error| error.to_string())
+        .and_then(|()| triage_proto::check_timestamps(&event).map_err(|error| error.to_string()));
+    if let Err(error) = checked {
         tracing::debug!(error = %error, "invalid ticket event");
         return dead_letter(
             message,
             config,
             ErrorClass::InvalidEvent,
-            error.to_string(),
+            error,
             Some(&event),
             &trace,
         );
@@ -539,17 +550,38 @@ fn route(message: &OwnedMessage, config: &Config) -> Outbound {
     let record_time = message
         .timestamp()
         .to_millis()
+        .and_then(|millis| u64::try_from(millis).ok())
         .filter(|millis| *millis > 0)
-        .map(|millis| UNIX_EPOCH + Duration::from_millis(millis as u64));
+        .and_then(|millis| UNIX_EPOCH.checked_add(Duration::from_millis(millis)));
     let task: InferenceTask = render::render(&event, &config.dispatch.prompt, record_time);
+    let payload = triage_proto::encode(&task, ContentType::Protobuf);
+    if payload.len() > MAX_TASK_BYTES {
+        return dead_letter(
+            message,
+            config,
+            ErrorClass::InvalidEvent,
+            format!(
+                "the ticket's task would be {} bytes, over the {MAX_TASK_BYTES} a record may have",
+                payload.len()
+            ),
+            Some(&event),
+            &trace,
+        );
+    }
     Outbound {
         topic: config.topics.inference_tasks.clone(),
         key: task.tenant_id.clone().into_bytes(),
-        payload: triage_proto::encode(&task, ContentType::Protobuf),
+        payload,
         headers: headers::for_message::<InferenceTask>(SERVICE, ContentType::Protobuf, &trace),
         is_task: true,
     }
 }
+
+/// The largest task dispatch produces: under librdkafka's `message.max.bytes` (1,000,000) and
+/// the broker's `max.message.bytes` (1 MiB) with room for headers. A larger one would be
+/// refused inside the transaction, which would abort and rewind the same batch forever; the
+/// ingress's field limits keep real tickets far below it.
+const MAX_TASK_BYTES: usize = 900_000;
 
 fn dead_letter(
     message: &OwnedMessage,
@@ -559,37 +591,12 @@ fn dead_letter(
     event: Option<&TicketCreated>,
     trace: &opentelemetry::Context,
 ) -> Outbound {
-    let record_headers = message.headers();
-    let now = triage_proto::timestamp(SystemTime::now());
-    let ticket_id = event.map(|e| e.ticket_id.clone()).unwrap_or_default();
-    let key = if ticket_id.is_empty() {
-        message.key().unwrap_or_default().to_vec()
-    } else {
-        ticket_id.clone().into_bytes()
-    };
-    let envelope = DeadLetter {
-        id: uuid::Uuid::now_v7().to_string(),
-        original_key: message.key().unwrap_or_default().to_vec(),
-        original_value: message.payload().unwrap_or_default().to_vec(),
-        original_headers: headers::to_record_headers(record_headers.map(|h| h.as_borrowed())),
-        source_topic: message.topic().to_owned(),
-        source_partition: message.partition(),
-        source_offset: message.offset(),
-        error_class: error_class as i32,
-        error_message,
-        attempts: 1,
-        first_failure_at: Some(now),
-        last_failure_at: Some(now),
-        failed_service: SERVICE.into(),
-        traceparent: headers::get_str(record_headers, headers::TRACEPARENT)
-            .unwrap_or_default()
-            .to_owned(),
-        tracestate: headers::get_str(record_headers, headers::TRACESTATE)
-            .unwrap_or_default()
-            .to_owned(),
-        ticket_id,
-        tenant_id: event.map(|e| e.tenant_id.clone()).unwrap_or_default(),
-    };
+    let mut failure = Failure::immediate(error_class, error_message);
+    if let Some(event) = event {
+        failure = failure.for_ticket(&event.ticket_id, &event.tenant_id);
+    }
+    let envelope = dead_letter::envelope(message, failure, SERVICE);
+    let key = dead_letter::record_key(&envelope).into_bytes();
     Outbound {
         topic: config.topics.dead_letters.clone(),
         key,

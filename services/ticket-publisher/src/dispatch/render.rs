@@ -16,7 +16,13 @@ pub enum InvalidEvent {
     MissingTenant,
     #[error("the ticket has neither subject nor description")]
     EmptyText,
+    #[error("{field} is {len} bytes long; an id may have at most {MAX_ID_BYTES}")]
+    IdTooLong { field: &'static str, len: usize },
 }
+
+/// The longest ticket or tenant id: ids are keys in Redis and PostgreSQL (whose index rows hold
+/// at most about 2.7 kB), and the ingress allows far less.
+pub const MAX_ID_BYTES: usize = 256;
 
 /// Checks the contract rules of a decoded event.
 pub fn check(event: &TicketCreated) -> Result<(), InvalidEvent> {
@@ -28,6 +34,17 @@ pub fn check(event: &TicketCreated) -> Result<(), InvalidEvent> {
     }
     if event.subject.trim().is_empty() && event.description.trim().is_empty() {
         return Err(InvalidEvent::EmptyText);
+    }
+    for (field, id) in [
+        ("ticket_id", &event.ticket_id),
+        ("tenant_id", &event.tenant_id),
+    ] {
+        if id.len() > MAX_ID_BYTES {
+            return Err(InvalidEvent::IdTooLong {
+                field,
+                len: id.len(),
+            });
+        }
     }
     Ok(())
 }
