@@ -15,7 +15,8 @@ use tokio::sync::Notify;
 use triage_runtime::{
     config::KafkaConfig,
     kafka::consumer::{
-        ConsumerConfig, ConsumerMetrics, ConsumerRun, Disposition, FetchGate, RecordHandler, run,
+        ConsumerConfig, ConsumerError, ConsumerMetrics, ConsumerRun, Disposition, FetchGate,
+        RecordHandler, run,
     },
     shutdown,
 };
@@ -24,6 +25,10 @@ use triage_test_support::{
 };
 
 const DEADLINE: Duration = Duration::from_secs(30);
+const PANICS_IN_PREPARE: &[u8] = b"panics in prepare";
+const PANICS_IN_HANDLE: &[u8] = b"panics in handle";
+const FATAL: &[u8] = b"fatal";
+const GIVEN_UP: &[u8] = b"given up";
 
 /// Records every handled offset and what was running at the same time; records whose value is
 /// `hold` wait until `release` is notified.
@@ -36,6 +41,8 @@ struct Probe {
     release: Notify,
     abandon: std::sync::atomic::AtomicBool,
     delay: Mutex<HashMap<Vec<u8>, Duration>>,
+    /// Offsets handed to `unprocessable`, with the reason.
+    given_up: Mutex<Vec<(i64, String)>>,
 }
 
 impl Probe {
@@ -55,7 +62,19 @@ impl RecordHandler for ProbeHandler {
     type Item = OwnedMessage;
 
     fn prepare(&self, record: OwnedMessage) -> OwnedMessage {
+        if record.payload() == Some(PANICS_IN_PREPARE) {
+            panic!("prepare cannot take this record");
+        }
         record
+    }
+
+    fn unprocessable(&self, record: OwnedMessage, reason: String) -> OwnedMessage {
+        self.0
+            .given_up
+            .lock()
+            .unwrap()
+            .push((record.offset(), reason));
+        record.set_payload(Some(GIVEN_UP.to_vec()))
     }
 
     fn ordering_key(&self, item: &OwnedMessage) -> Option<Vec<u8>> {
@@ -67,6 +86,18 @@ impl RecordHandler for ProbeHandler {
         let now = probe.running.fetch_add(1, Ordering::SeqCst) + 1;
         probe.max_running.fetch_max(now, Ordering::SeqCst);
         let value = item.payload().unwrap_or_default().to_vec();
+        if value == GIVEN_UP {
+            probe.running.fetch_sub(1, Ordering::SeqCst);
+            return Disposition::Done;
+        }
+        if value == PANICS_IN_HANDLE {
+            probe.running.fetch_sub(1, Ordering::SeqCst);
+            panic!("the handler cannot take this record");
+        }
+        if value == FATAL {
+            probe.running.fetch_sub(1, Ordering::SeqCst);
+            return Disposition::Fatal("credentials refused".into());
+        }
         let held = probe.hold.lock().unwrap().contains(&value);
         if held {
             probe.release.notified().await;
@@ -88,7 +119,7 @@ impl RecordHandler for ProbeHandler {
 
 struct Running {
     trigger: shutdown::Trigger,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Result<(), ConsumerError>>,
 }
 
 impl Running {
@@ -97,7 +128,17 @@ impl Running {
         tokio::time::timeout(DEADLINE, self.task)
             .await
             .expect("consumer stops")
-            .unwrap();
+            .unwrap()
+            .expect("consumer runs");
+    }
+
+    /// Waits for the consumer to stop by itself and returns why.
+    async fn ended(self) -> Result<(), ConsumerError> {
+        let _trigger = self.trigger;
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("consumer stops by itself")
+            .unwrap()
     }
 }
 
@@ -107,6 +148,24 @@ fn start(
     probe: &Arc<Probe>,
     gate: FetchGate,
     drain_timeout: Duration,
+) -> Running {
+    start_with_metrics(
+        context,
+        config,
+        probe,
+        gate,
+        drain_timeout,
+        ConsumerMetrics::default(),
+    )
+}
+
+fn start_with_metrics(
+    context: &TestContext,
+    config: ConsumerConfig,
+    probe: &Arc<Probe>,
+    gate: FetchGate,
+    drain_timeout: Duration,
+    metrics: ConsumerMetrics,
 ) -> Running {
     let (trigger, shutdown) = shutdown::channel();
     let topic = context.topics.inference_tasks.clone();
@@ -121,12 +180,10 @@ fn start(
             config: &config,
             topics: vec![topic],
             gate,
-            metrics: ConsumerMetrics::default(),
+            metrics,
             drain_timeout,
         };
-        run(consumer_run, handler, shutdown)
-            .await
-            .expect("consumer runs");
+        run(consumer_run, handler, shutdown).await
     });
     Running { trigger, task }
 }
@@ -439,4 +496,121 @@ async fn a_second_consumer_joining_loses_and_commits_nothing_twice() {
         .filter_map(|p| committed_offset(&group, topic, p))
         .sum();
     assert_eq!(committed, 200);
+}
+
+#[tokio::test]
+async fn records_a_stage_panics_on_are_given_up_and_the_commit_point_moves_on() {
+    let context = TestContext::new("panics");
+    create_topics(&[&context.topics.inference_tasks], 2).await;
+    let topic = &context.topics.inference_tasks;
+    // On each partition: normal records around one that panics in `handle` and one that
+    // panics in `prepare`.
+    for partition in 0..2 {
+        let mut batch = records(10, |i| format!("p{partition}-k{i}"));
+        batch[3].1 = PANICS_IN_HANDLE.to_vec();
+        batch[6].1 = PANICS_IN_PREPARE.to_vec();
+        produce(topic, Some(partition), &batch).await;
+    }
+    let probe = Arc::new(Probe::default());
+    let group = context.group("worker");
+    let config = ConsumerConfig {
+        commit_interval: Duration::from_millis(100),
+        handler_attempts: 2,
+        ..ConsumerConfig::for_group(&group)
+    };
+    let consumer = start(&context, config, &probe, FetchGate::default(), DEADLINE);
+    for partition in 0..2 {
+        wait_until("each partition committed to its end", DEADLINE, || async {
+            (committed_offset(&group, topic, partition) == Some(10)).then_some(())
+        })
+        .await;
+    }
+    consumer.stop().await;
+
+    // Every normal record was handled once; each poison one was given up exactly once, with
+    // the panic's words.
+    assert_eq!(probe.handled_offsets().len(), 16);
+    let mut given_up = probe.given_up.lock().unwrap().clone();
+    given_up.sort();
+    let offsets: Vec<i64> = given_up.iter().map(|(offset, _)| *offset).collect();
+    assert_eq!(offsets, [3, 3, 6, 6]);
+    assert!(
+        given_up
+            .iter()
+            .any(|(_, reason)| reason.contains("the handler cannot take this record"))
+    );
+    assert!(
+        given_up
+            .iter()
+            .any(|(_, reason)| reason.contains("prepare cannot take this record"))
+    );
+}
+
+#[tokio::test]
+async fn a_fatal_disposition_stops_the_consumer_without_committing_past_it() {
+    let context = TestContext::new("fatal");
+    create_topics(&[&context.topics.inference_tasks], 1).await;
+    let topic = &context.topics.inference_tasks;
+    let mut batch = records(6, |i| format!("k{i}"));
+    batch[2].1 = FATAL.to_vec();
+    produce(topic, Some(0), &batch).await;
+    let probe = Arc::new(Probe::default());
+    let group = context.group("worker");
+    let config = ConsumerConfig {
+        commit_interval: Duration::from_millis(100),
+        max_in_flight: 1,
+        readahead: 0,
+        ..ConsumerConfig::for_group(&group)
+    };
+    let consumer = start(&context, config, &probe, FetchGate::default(), DEADLINE);
+    match consumer.ended().await {
+        Err(ConsumerError::Fatal { reason, .. }) => assert_eq!(reason, "credentials refused"),
+        other => panic!("expected a fatal stop, got {other:?}"),
+    }
+    assert_eq!(committed_offset(&group, topic, 0), Some(2));
+}
+
+#[tokio::test]
+async fn a_commit_point_held_by_one_record_shows_as_stalled() {
+    let context = TestContext::new("stall");
+    create_topics(&[&context.topics.inference_tasks], 1).await;
+    let topic = &context.topics.inference_tasks;
+    produce(topic, Some(0), &records(5, |i| format!("k{i}"))).await;
+    let probe = Arc::new(Probe::default());
+    probe.hold.lock().unwrap().insert(b"v1".to_vec());
+    let mut registry = prometheus_client::registry::Registry::with_prefix("triage");
+    let metrics = ConsumerMetrics::register(&mut registry);
+    let stalled_seconds = |registry: &prometheus_client::registry::Registry| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text.lines()
+            .find(|line| line.starts_with("triage_consumer_commit_stalled_seconds{"))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse::<f64>().ok())
+    };
+    let group = context.group("worker");
+    let config = ConsumerConfig {
+        commit_stall_warning: Duration::from_secs(1),
+        ..ConsumerConfig::for_group(&group)
+    };
+    let consumer = start_with_metrics(
+        &context,
+        config,
+        &probe,
+        FetchGate::default(),
+        DEADLINE,
+        metrics,
+    );
+    wait_until("the held record shows as a stall", DEADLINE, || async {
+        stalled_seconds(&registry)
+            .filter(|seconds| *seconds >= 2.0)
+            .map(|_| ())
+    })
+    .await;
+    probe.release.notify_one();
+    wait_until("the stall clears once it finishes", DEADLINE, || async {
+        (stalled_seconds(&registry) == Some(0.0)).then_some(())
+    })
+    .await;
+    consumer.stop().await;
 }

@@ -7,6 +7,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod poison;
+
 
 use std::{
     collections::HashMap,

@@ -11,7 +11,7 @@ use llm_sim::{
 };
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use rdkafka::Message;
-use triage_proto::v1::ErrorClass;
+use triage_proto::v1::{ErrorClass, InferenceTask};
 use triage_test_support::{
     TestContext, committed_offset, consumer, read_for, read_records, wait_until,
 };
@@ -367,5 +367,94 @@ async fn serial_keeps_the_provider_busy_at_its_rate_limit() {
     );
     assert!(rate >= 0.95 * limit, "only {rate:.1}/s of {limit}/s");
     assert_eq!(sim.status_count("429"), 0);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_poison_task_on_every_partition_is_one_dead_letter_and_the_worker_moves_on() {
+    use triage_test_support::poison::{PoisonShapes, poison_records, produce_poison};
+    let context = TestContext::new("worker-poison-all");
+    let partitions = 2;
+    context.create_topics(partitions).await;
+    let sim = Sim::with_latency_ms(10).await;
+    let config = worker_config(&context, &sim);
+    let group = config.consumer.group_id.clone();
+    let shapes = PoisonShapes {
+        valid: task("t-shape", "I was charged twice"),
+        set_timestamp: |task: &mut InferenceTask, at| task.accepted_at = Some(at),
+        oversize: |task: &mut InferenceTask| task.messages[1].content = "x".repeat(600_000),
+    };
+    let mut poison_count = 0;
+    let mut normal = Vec::new();
+    let producer = producer();
+    for partition in 0..partitions {
+        let poison = poison_records(&shapes, &format!("p{partition}"));
+        poison_count += poison.len();
+        produce_poison(&context.topics.inference_tasks, partition, &poison).await;
+        for index in 0..4 {
+            let mut task = task(
+                &format!("{}-p{partition}-t{index}", context.id),
+                "The dashboard is down",
+            );
+            if index % 2 == 1 {
+                task.tenant_id = "globex".into();
+            }
+            let payload = triage_proto::encode(&task, triage_proto::ContentType::Protobuf);
+            let headers = triage_runtime::kafka::headers::for_message::<InferenceTask>(
+                "test",
+                triage_proto::ContentType::Protobuf,
+                &opentelemetry::Context::new(),
+            );
+            producer
+                .inner()
+                .send(
+                    rdkafka::producer::FutureRecord::to(&context.topics.inference_tasks)
+                        .key(&task.ticket_id)
+                        .payload(&payload)
+                        .partition(partition)
+                        .headers(headers),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(error, _)| error)
+                .unwrap();
+            normal.push(task);
+        }
+    }
+    let results = consumer(&context.topics.results);
+    let dead_letters = consumer(&context.topics.dead_letters);
+    let worker = Worker::start(config);
+
+    let triaged = read_results(&results, normal.len()).await;
+    assert_eq!(triaged.len(), normal.len());
+    let letters: Vec<_> = read_records(&dead_letters, poison_count, DEADLINE)
+        .await
+        .iter()
+        .map(decode_dead_letter)
+        .collect();
+    let invalid = letters
+        .iter()
+        .filter(|letter| letter.error_class == ErrorClass::InvalidEvent as i32)
+        .count();
+    // Two timestamps and the oversized prompt per partition; the rest do not decode.
+    assert_eq!(invalid, 3 * partitions as usize, "{letters:?}");
+    for partition in 0..partitions {
+        let end = (poison_count / 2 + 4) as i64;
+        wait_until("the partition committed to its end", DEADLINE, || async {
+            (committed_offset(&group, &context.topics.inference_tasks, partition) == Some(end))
+                .then_some(())
+        })
+        .await;
+    }
+    assert!(
+        read_for(&dead_letters, Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        sim.paid_total(),
+        normal.len() as u64,
+        "poison must never reach the provider"
+    );
     worker.stop().await;
 }

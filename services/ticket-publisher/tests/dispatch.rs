@@ -209,3 +209,92 @@ async fn outside_json_and_protobuf_events_are_dispatched_and_poison_is_dead_lett
     trigger.fire();
     stage.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn every_poison_event_on_every_partition_is_one_dead_letter_and_dispatch_moves_on() {
+    use triage_test_support::poison::{PoisonShapes, poison_records, produce_poison};
+    let ctx = TestContext::new("tp_poison_all");
+    let partitions = 2;
+    ctx.create_topics(partitions).await;
+    let config = config(&ctx);
+    let group = config.dispatch.group_id.clone();
+    let dispatcher = Dispatcher::start(Arc::new(config), DispatchMetrics::default(), 0)
+        .await
+        .unwrap();
+    let (trigger, stop) = shutdown::channel();
+    let stage = tokio::spawn(dispatcher.run(stop));
+
+    let producer: FutureProducer = client_config().create().unwrap();
+    let topic = &ctx.topics.tickets_created;
+    let shapes = PoisonShapes {
+        valid: event("t-shape", "acme"),
+        set_timestamp: |event: &mut TicketCreated, at| event.created_at = Some(at),
+        // A task of its size cannot be produced inside the transaction.
+        oversize: |event: &mut TicketCreated| event.subject = "s".repeat(950_000),
+    };
+    let mut poison_count = 0;
+    let mut normal = 0;
+    for partition in 0..partitions {
+        let poison = poison_records(&shapes, &format!("p{partition}"));
+        poison_count += poison.len();
+        produce_poison(topic, partition, &poison).await;
+        for index in 0..4 {
+            let tenant = if index % 2 == 0 { "acme" } else { "globex" };
+            let ticket = format!("p{partition}-t{index}");
+            let value = triage_proto::encode(&event(&ticket, tenant), ContentType::Protobuf);
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "content-type",
+                value: Some("application/x-protobuf"),
+            });
+            producer
+                .send(
+                    FutureRecord::to(topic)
+                        .key(&ticket)
+                        .payload(&value)
+                        .partition(partition)
+                        .headers(headers),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+            normal += 1;
+        }
+    }
+
+    let tasks = read_records(&consumer(&ctx.topics.inference_tasks), normal, READ_TIMEOUT).await;
+    assert_eq!(tasks.len(), normal);
+    let dlq = consumer(&ctx.topics.dead_letters);
+    let letters = read_records(&dlq, poison_count, READ_TIMEOUT).await;
+    let mut invalid = 0;
+    for record in &letters {
+        let letter: DeadLetter =
+            triage_proto::decode(record.payload().unwrap(), header(record, "content-type"))
+                .unwrap();
+        invalid += usize::from(letter.error_class == ErrorClass::InvalidEvent as i32);
+        if letter.original_value_truncated {
+            assert_eq!(
+                letter.original_value_size as usize,
+                letter.original_value_size as usize
+            );
+            assert!(letter.original_value_size > letter.original_value.len() as u64);
+        }
+    }
+    // Two timestamps and the oversized task per partition are the event's fault.
+    assert_eq!(invalid, 3 * partitions as usize);
+    for partition in 0..partitions {
+        let end = (poison_count / 2 + 4) as i64;
+        triage_test_support::wait_until(
+            "the partition committed to its end",
+            READ_TIMEOUT,
+            || async {
+                (triage_test_support::committed_offset(&group, topic, partition) == Some(end))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    assert!(read_for(&dlq, Duration::from_millis(500)).await.is_empty());
+    trigger.fire();
+    stage.await.unwrap().unwrap();
+}

@@ -353,6 +353,7 @@ pub fn dead_letter_of_task(
         tracestate: String::new(),
         ticket_id: task.ticket_id.clone(),
         tenant_id: task.tenant_id.clone(),
+        ..Default::default()
     }
 }
 

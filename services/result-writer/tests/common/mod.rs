@@ -108,6 +108,34 @@ pub async fn produce_results(
     }
 }
 
+/// Produces `results` to one partition of `topic`, in order.
+pub async fn produce_results_to(
+    producer: &ContractProducer,
+    topic: &str,
+    partition: i32,
+    results: &[InferenceResult],
+) {
+    for result in results {
+        let payload = triage_proto::encode(result, ContentType::Protobuf);
+        let headers = triage_runtime::kafka::headers::for_message::<InferenceResult>(
+            "test-producer",
+            ContentType::Protobuf,
+            &opentelemetry::Context::new(),
+        );
+        let record = rdkafka::producer::FutureRecord::to(topic)
+            .key(&result.ticket_id)
+            .payload(&payload)
+            .partition(partition)
+            .headers(headers);
+        producer
+            .inner()
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(error, _)| error)
+            .expect("produce result");
+    }
+}
+
 /// The writer, running in this process until stopped.
 pub struct Writer {
     trigger: Trigger,
