@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Integration tests share one broker; a few at a time keeps 2 cores responsive.
 TEST_THREADS ?= 4
 
-.PHONY: help demo test helm-check stack-up stack-down stack-status build lint fmt clippy unit bench clean-stack
+.PHONY: fuzz help demo test helm-check stack-up stack-down stack-status build lint fmt clippy unit bench clean-stack
 
 help:
 	@echo "make demo        run the pipeline locally and watch tickets being triaged"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench       run the benchmarks recorded in docs/BENCHMARKS.md (BENCH=name for one)"
 	@echo "make chaos       kill workers, restart broker/Redis/PostgreSQL, LLM outage; check nothing is lost"
 	@echo "make helm-check  lint, render and validate the Helm chart (installs helm into .local/bin)"
+	@echo "make fuzz        long property-test runs of every parser of outside input (FUZZ_CASES=100000)"
 
 stack-up:
 	@deploy/stack.sh up
@@ -45,6 +46,14 @@ test: stack-up lint helm-check
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS) --skip serial_
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=1 serial_
+
+# The property tests of every parser of outside input (provider headers and bodies, the record
+# decoders of every stage, the HTTP ingress) run 512 cases each in make test; this runs many more.
+FUZZ_CASES ?= 100000
+fuzz: stack-up
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test -p triage-proto --test decode_props
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test -p inference-worker --lib no_provider_header
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test -p ticket-publisher --test decoding_props
 
 # helm lint/template of every value set, offline schema validation (Kubernetes 1.33), compose and
 # Dockerfile checks; installs helm into .local/bin on first use. The chart's Rust tests need it.

@@ -8,6 +8,19 @@
 //! - [`ContentType`], [`encode`], [`decode`]: protobuf or JSON, chosen by the record's
 //!   `content-type` header.
 
+// Outside input (records, headers, provider answers, database rows, configuration) must never
+// panic a service, so the ways to panic are denied in service code. The few that remain guard
+// invariants of the service's own data (a constant pattern, a serialiser of our own types) and
+// each says so where it is allowed.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 #![forbid(unsafe_code)]
 
 pub mod v1 {
@@ -112,6 +125,8 @@ pub fn encode<M: Contract>(message: &M, content_type: ContentType) -> Vec<u8> {
     match content_type {
         ContentType::Protobuf => message.encode_to_vec(),
         // Serialising generated pbjson types cannot fail: every field maps to JSON.
+        // pbjson's serialisers of our own generated types write to a Vec and cannot fail.
+        #[allow(clippy::expect_used)]
         ContentType::Json => serde_json::to_vec(message).expect("pbjson types serialise"),
     }
 }

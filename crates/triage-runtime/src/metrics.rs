@@ -59,6 +59,8 @@ pub struct MetricsHandle(Arc<Registry>);
 
 impl MetricsHandle {
     /// The OpenMetrics text exposition of every registered metric.
+    // Writing to a String cannot fail.
+    #[allow(clippy::expect_used)]
     pub fn encode(&self) -> String {
         let mut text = String::new();
         encode(&mut text, &self.0).expect("writing to a String cannot fail");

@@ -109,11 +109,9 @@ pub fn tracer_provider(
             }
         })
         .join()
-        .expect("exporter construction does not panic");
-        let exporter = built.map_err(|e| TelemetryError::Exporter {
-            endpoint,
-            reason: e.to_string(),
-        })?;
+        .map_err(|_| "building the exporter panicked".to_owned())
+        .and_then(|built| built.map_err(|e| e.to_string()));
+        let exporter = built.map_err(|reason| TelemetryError::Exporter { endpoint, reason })?;
         builder = builder.with_batch_exporter(exporter);
     }
     Ok(builder.build())

@@ -9,7 +9,6 @@
 
 pub mod poison;
 
-
 use std::{
     collections::HashMap,
     future::Future,

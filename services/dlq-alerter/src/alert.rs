@@ -247,7 +247,7 @@ fn raw_excerpt(raw: &[u8], max_chars: usize) -> String {
     match std::str::from_utf8(raw) {
         Ok(text) => redact::excerpt(text, max_chars),
         Err(_) => {
-            let shown = &raw[..raw.len().min(max_chars / 2)];
+            let shown = raw.get(..max_chars / 2).unwrap_or(raw);
             redact::truncate(&format!("hex:{}", hex::encode(shown)), max_chars)
         }
     }

@@ -194,7 +194,10 @@ impl Output {
         // fallback still tells people, so it replaces them rather than retrying in vain.
         let current = Mutex::new(body.clone());
         let attempt = || async {
-            let body = current.lock().expect("body lock").clone();
+            let body = current
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
             self.post_once(&body).await
         };
         let delivered = attempt
@@ -211,13 +214,15 @@ impl Output {
                 if self.kind == OutputKind::Slack
                     && matches!(error, DeliveryError::Status { status: 400, .. })
                 {
-                    let mut body = current.lock().expect("body lock");
+                    let mut body = current
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     if body.get("blocks").is_some() {
                         tracing::warn!(
                             output = "slack",
                             "slack refused the blocks; sending the plain-text fallback"
                         );
-                        *body = json!({ "text": body["text"].clone() });
+                        *body = json!({ "text": body.get("text").cloned().unwrap_or_default() });
                     }
                 }
             })
@@ -292,7 +297,12 @@ impl Completion {
         if self.remaining_outputs.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        let waiters = std::mem::take(&mut *self.waiters.lock().expect("waiters lock"));
+        let waiters = std::mem::take(
+            &mut *self
+                .waiters
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         self.metrics.pending.dec_by(waiters.len() as i64);
         for waiter in waiters {
             // A handler that is gone was abandoned at shutdown; its record is consumed again.

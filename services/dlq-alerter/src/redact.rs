@@ -16,14 +16,19 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
+// Constant patterns, compiled by the unit tests: they cannot fail at run time.
+#[allow(clippy::expect_used)]
 static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
         .expect("email pattern")
 });
+#[allow(clippy::expect_used)]
 static CARD: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\b\d(?:[ \-]?\d){12,18}\b").expect("card pattern"));
+#[allow(clippy::expect_used)]
 static PHONE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?:\+\s?)?\(?\b\d[\d\s().\-]{5,}\d\b").expect("phone pattern"));
+#[allow(clippy::expect_used)]
 static DATE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^\d{4}-\d{2}-\d{2}$").expect("date pattern"));
 

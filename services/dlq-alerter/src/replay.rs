@@ -282,7 +282,7 @@ pub fn read_matches(
                     ends.remove(&partition);
                     continue;
                 }
-                if offset + 1 >= ends[&partition] {
+                if ends.get(&partition).is_some_and(|end| offset + 1 >= *end) {
                     ends.remove(&partition);
                 }
                 scanned += 1;

@@ -66,7 +66,11 @@ impl CircuitBreaker {
     }
 
     pub fn state(&self) -> CircuitState {
-        match *self.inner.lock().expect("circuit lock") {
+        match *self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
             Inner::Closed { .. } => CircuitState::Closed,
             Inner::Open { .. } => CircuitState::Open,
             Inner::HalfOpen { .. } => CircuitState::HalfOpen,
@@ -74,7 +78,10 @@ impl CircuitBreaker {
     }
 
     pub fn admit(&self) -> Admission {
-        let mut inner = self.inner.lock().expect("circuit lock");
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = Instant::now();
         match *inner {
             Inner::Closed { .. } => Admission::Go,
@@ -102,7 +109,10 @@ impl CircuitBreaker {
     }
 
     pub fn record_success(&self) {
-        let mut inner = self.inner.lock().expect("circuit lock");
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !matches!(*inner, Inner::Closed { .. }) {
             tracing::info!("circuit closed: the provider answers again");
             self.gate.open();
@@ -113,7 +123,10 @@ impl CircuitBreaker {
     }
 
     pub fn record_failure(&self) {
-        let mut inner = self.inner.lock().expect("circuit lock");
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let open_for = match *inner {
             Inner::Closed {
                 consecutive_failures,
@@ -138,7 +151,10 @@ impl CircuitBreaker {
 
     /// A probe that ended without an answer either way (e.g. a 429) frees the probe slot.
     pub fn release_probe(&self) {
-        let mut inner = self.inner.lock().expect("circuit lock");
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Inner::HalfOpen { open_for, .. } = *inner {
             *inner = Inner::HalfOpen {
                 probing: false,

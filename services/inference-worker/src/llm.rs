@@ -447,7 +447,7 @@ fn classify_failure(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Llm
     let message = error
         .as_ref()
         .and_then(|e| e.message.clone())
-        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned());
+        .unwrap_or_else(|| String::from_utf8_lossy(body.get(..300).unwrap_or(body)).into_owned());
     let code = error
         .as_ref()
         .and_then(|e| e.code.as_ref())

@@ -12,6 +12,19 @@
 //! - [`scaler`]: direct mode's decision, a pure state machine; [`direct`] applies it through
 //!   [`kubernetes`].
 
+// Outside input (records, headers, provider answers, database rows, configuration) must never
+// panic a service, so the ways to panic are denied in service code. The few that remain guard
+// invariants of the service's own data (a constant pattern, a serialiser of our own types) and
+// each says so where it is allowed.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 #![forbid(unsafe_code)]
 
 pub mod config;

@@ -266,7 +266,9 @@ impl OffsetReader {
                 .map_err(|e| format!("offsets client for group {group}: {e}"))?;
             self.group_clients.insert(group.to_owned(), client);
         }
-        Ok(&self.group_clients[group])
+        self.group_clients
+            .get(group)
+            .ok_or_else(|| format!("no offsets client for group {group}"))
     }
 
     /// Fills `oldest_unconsumed_ms` of every lagging partition: from the cache when the resume

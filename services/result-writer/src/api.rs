@@ -335,6 +335,8 @@ struct CursorBody {
 }
 
 /// An opaque cursor: base64url of the last row's keyset position.
+// Serialising a struct of a timestamp and two strings cannot fail.
+#[allow(clippy::expect_used)]
 pub fn encode_cursor(after: &After) -> String {
     let body = CursorBody {
         t: after.triaged_at,
@@ -365,6 +367,8 @@ pub fn decode_cursor(cursor: &str) -> Option<After> {
         (status = 401, description = "Missing or unknown API key", body = Problem, content_type = "application/problem+json"),
     )
 )]
+// Serialising a triage (strings, numbers, timestamps) cannot fail.
+#[allow(clippy::expect_used)]
 pub async fn stream_triage(
     State(state): State<ApiState>,
     Tenant(tenant): Tenant,

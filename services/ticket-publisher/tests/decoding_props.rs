@@ -69,7 +69,8 @@ fn is_client_error(status: u16) -> bool {
 }
 
 proptest! {
-    #![proptest_config(RunnerConfig::with_cases(512))]
+    // 512 cases in make test; PROPTEST_CASES (make fuzz) runs more.
+    #![proptest_config(RunnerConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|cases| cases.parse().ok()).unwrap_or(512)))]
 
     #[test]
     fn arbitrary_bytes_never_panic_and_invalid_is_4xx(

@@ -168,7 +168,7 @@ async fn partition_count(
             .fetch_metadata(Some(&topic_name), ADMIN_TIMEOUT)
     })
     .await
-    .expect("metadata fetch does not panic")
+    .unwrap_or(Err(rdkafka::error::KafkaError::Canceled))
     .map_err(|source| KafkaError::Unreachable {
         timeout: ADMIN_TIMEOUT,
         source,

@@ -219,6 +219,12 @@ pub enum ConsumerError {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+    #[error("cannot start the consumer thread of group {group}: {source}")]
+    Thread {
+        group: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the consumer thread of group {group} stopped unexpectedly")]
     ThreadLost { group: String },
     #[error("group {group} stopped: {reason}")]
@@ -324,7 +330,10 @@ impl ConsumerContext for RuntimeContext {
         };
         // Hand over what is finished before the partitions are someone else's.
         commit_stored(consumer, &self.group, &self.metrics);
-        let mut tracker = self.tracker.lock().expect("tracker lock");
+        let mut tracker = self
+            .tracker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for element in partitions.elements() {
             let abandoned = tracker.revoke(element.topic(), element.partition());
             tracing::info!(
@@ -342,7 +351,10 @@ impl ConsumerContext for RuntimeContext {
             return;
         };
         {
-            let mut tracker = self.tracker.lock().expect("tracker lock");
+            let mut tracker = self
+                .tracker
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             for element in partitions.elements() {
                 tracker.assign(element.topic(), element.partition());
                 tracing::info!(
@@ -480,7 +492,10 @@ pub async fn run<H: RecordHandler>(
             poll_loop.run(fetched_tx, report_rx);
             let _ = thread_done_tx.send(());
         })
-        .expect("spawn consumer thread");
+        .map_err(|source| ConsumerError::Thread {
+            group: group.clone(),
+            source,
+        })?;
 
     let stopper = tokio::spawn(async move {
         shutdown.wait().await;
@@ -600,11 +615,11 @@ impl PollLoop {
             match self.consumer.poll(poll_timeout) {
                 None => {}
                 Some(Ok(message)) => {
-                    let record = self.tracker.lock().expect("tracker lock").begin(
-                        message.topic(),
-                        message.partition(),
-                        message.offset(),
-                    );
+                    let record = self
+                        .tracker
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .begin(message.topic(), message.partition(), message.offset());
                     in_flight += 1;
                     self.metrics.records.get_or_create(&labels).inc();
                     if fetched_tx
@@ -678,7 +693,11 @@ impl PollLoop {
 
     fn apply_report(&self, report: Report) -> usize {
         if let Report::Finished(record) = report {
-            let commit_point = self.tracker.lock().expect("tracker lock").finish(&record);
+            let commit_point = self
+                .tracker
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .finish(&record);
             if let Some(offset) = commit_point {
                 let mut offsets = TopicPartitionList::with_capacity(1);
                 let stored = offsets

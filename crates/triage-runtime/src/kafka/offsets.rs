@@ -129,13 +129,14 @@ impl OffsetTracker {
     /// (a consumer without group management) is assigned on first use.
     pub fn begin(&mut self, topic: &str, partition: i32, offset: i64) -> InFlight {
         let key = (topic.to_owned(), partition);
-        if !self.partitions.contains_key(&key) {
-            self.assign(topic, partition);
-        }
-        let (generation, offsets) = self.partitions.get_mut(&key).expect("assigned above");
+        let next_generation = &mut self.next_generation;
+        let (generation, offsets) = self.partitions.entry(key).or_insert_with(|| {
+            *next_generation += 1;
+            (*next_generation, PartitionOffsets::new())
+        });
         offsets.begin(offset);
         InFlight {
-            topic: key.0,
+            topic: topic.to_owned(),
             partition,
             offset,
             generation: *generation,

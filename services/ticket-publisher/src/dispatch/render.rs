@@ -138,31 +138,28 @@ pub fn escape_fence(text: &str) -> String {
         return text.to_owned();
     }
     let mut out = String::with_capacity(text.len() + 8);
+    // ASCII lowercasing keeps every byte where it was, so `index` is a char boundary of both.
     let mut index = 0;
-    while index < text.len() {
-        let rest = &lower[index..];
-        let tag_len = if rest.starts_with("</ticket") {
+    while let (Some(rest), Some(lower_rest)) = (text.get(index..), lower.get(index..)) {
+        let tag_len = if lower_rest.starts_with("</ticket") {
             Some("</ticket".len())
-        } else if rest.starts_with("<ticket") {
+        } else if lower_rest.starts_with("<ticket") {
             Some("<ticket".len())
         } else {
             None
         };
-        match tag_len {
-            Some(len) => {
+        match (tag_len, rest.chars().next()) {
+            (Some(len), _) => {
                 // `<` becomes `&lt;`: still readable to the model, no longer the fence.
                 out.push_str("&lt;");
-                out.push_str(&text[index + 1..index + len]);
+                out.push_str(rest.get(1..len).unwrap_or_default());
                 index += len;
             }
-            None => {
-                let ch = text[index..]
-                    .chars()
-                    .next()
-                    .expect("index is on a char boundary");
+            (None, Some(ch)) => {
                 out.push(ch);
                 index += ch.len_utf8();
             }
+            (None, None) => break,
         }
     }
     out
