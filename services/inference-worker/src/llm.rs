@@ -157,11 +157,11 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// The longest wait a provider's header may impose. Headers come from whatever gateway sits in
-/// front of the model; a value of years (or infinity) would park a task past any deadline that
-/// could still help, so anything longer is read as this, and the task's retry deadline then
-/// decides.
-pub const MAX_PROVIDER_WAIT: Duration = Duration::from_secs(15 * 60);
+/// The longest wait a provider's header can say. Headers come from whatever gateway sits in
+/// front of the model; a value of years (or infinity) is no rate limit, so anything past a day
+/// (the longest window providers limit, requests per day) is read as a day. What the worker then
+/// honours is bounded again by `retry.max_provider_wait` and the task's retry deadline.
+pub const MAX_PROVIDER_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// Seconds from a provider's header as a wait. Negative and NaN values say nothing usable
 /// (`None`: the caller falls back to its own backoff); large and infinite ones are capped at

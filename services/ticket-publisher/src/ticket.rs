@@ -473,7 +473,8 @@ pub fn validate(
         );
     }
     if let Some(created_at) = &fields.created_at
-        && (created_at.seconds < 0 || !(0..1_000_000_000).contains(&created_at.nanos))
+        && (created_at.seconds < 0
+            || triage_proto::check_timestamp("created_at", created_at).is_err())
     {
         add(
             &mut errors,

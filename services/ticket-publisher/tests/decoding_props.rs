@@ -143,3 +143,68 @@ async fn only_tickets_answered_202_reach_kafka() {
     }
     assert!(read_for(&topic, Duration::from_secs(1)).await.is_empty());
 }
+
+/// gRPC requests with arbitrary fields, timestamps at every extreme and arbitrary metadata.
+fn arbitrary_grpc_request() -> impl Strategy<Value = triage_proto::v1::CreateTicketRequest> {
+    use triage_proto::{
+        v1::{CreateTicketRequest, Customer},
+        wkt::Timestamp,
+    };
+    (
+        proptest::option::of(".{0,80}"),
+        ".{0,200}",
+        ".{0,400}",
+        proptest::option::of((".{0,40}", proptest::option::of(".{0,40}"))),
+        ".{0,12}",
+        ".{0,12}",
+        proptest::option::of((any::<i64>(), any::<i32>())),
+        proptest::option::of(".{0,40}"),
+        arbitrary_json(),
+    )
+        .prop_map(
+            |(
+                ticket_id,
+                subject,
+                description,
+                customer,
+                channel,
+                language,
+                created,
+                key,
+                metadata,
+            )| {
+                CreateTicketRequest {
+                    ticket_id,
+                    subject,
+                    description,
+                    customer: customer.map(|(id, email)| Customer {
+                        id,
+                        email,
+                        tier: None,
+                    }),
+                    channel,
+                    language,
+                    metadata: serde_json::from_value(metadata).ok(),
+                    created_at: created.map(|(seconds, nanos)| Timestamp { seconds, nanos }),
+                    idempotency_key: key,
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(RunnerConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|cases| cases.parse().ok()).unwrap_or(512)))]
+
+    #[test]
+    fn grpc_requests_never_panic_and_what_passes_is_storable(request in arbitrary_grpc_request()) {
+        if let Ok(valid) = ticket::from_grpc(request, &Limits::default()) {
+            let event = valid.into_event("acme");
+            prop_assert!(triage_proto::check_timestamps(&event).is_ok(), "{event:?}");
+        }
+    }
+
+    #[test]
+    fn grpc_request_bytes_never_panic_the_decoder(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = <triage_proto::v1::CreateTicketRequest as prost::Message>::decode(bytes.as_slice());
+    }
+}
