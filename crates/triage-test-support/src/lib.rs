@@ -515,6 +515,17 @@ impl ServiceProcess {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The service's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.admin_url("/metrics"))
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .unwrap_or_else(|e| panic!("{} /metrics: {e}", self.name))
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("{} /metrics: {e}", self.name))
+    }
+
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self, timeout: Duration) {
         let client = reqwest::Client::new();
@@ -618,12 +629,7 @@ pub async fn assert_starts_ready_and_exits_zero_on_sigterm(
 ) {
     let process = ServiceProcess::spawn(binary.as_ref(), &[], env);
     process.wait_ready(Duration::from_secs(30)).await;
-    let metrics = reqwest::get(process.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = process.metrics().await;
     assert!(
         metrics.contains(&format!("service=\"{service}\"")),
         "{metrics}"

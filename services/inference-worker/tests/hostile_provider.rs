@@ -212,12 +212,7 @@ async fn hostile_rate_limit_headers_and_bodies_delay_tickets_but_lose_none() {
     let left = leases(&context.redis_prefix).await;
     assert!(left.is_empty(), "leases outlived their tasks: {left:?}");
 
-    let metrics = reqwest::get(worker.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = worker.metrics().await;
     assert!(
         !metrics.lines().any(
             |line| line.starts_with("triage_consumer_handler_panics_total{")
