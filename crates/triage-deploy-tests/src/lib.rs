@@ -22,6 +22,17 @@ use triage_runtime::config::{ConfigError, Validate};
 /// The Kubernetes version the chart is rendered for (the one deploy/helm-check.sh validates).
 pub const KUBE_VERSION: &str = "1.33.0";
 
+/// Every value set under `helm/ticket-triage/ci/` (the ones deploy/helm-check.sh lints and
+/// templates).
+pub const VALUE_SETS: &[&str] = &[
+    "default-values.yaml",
+    "secrets-values.yaml",
+    "direct-values.yaml",
+    "keda-values.yaml",
+    "existing-secrets-values.yaml",
+    "sasl-tls-values.yaml",
+];
+
 /// The workspace root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -81,17 +92,22 @@ pub fn render(values_files: &[&str], set: &[&str]) -> Result<Rendered, String> {
         return Err(String::from_utf8_lossy(&output.stderr).into_owned());
     }
     let text = String::from_utf8(output.stdout).map_err(|e| e.to_string())?;
+    Ok(Rendered {
+        manifests: parse_manifests(&text)?,
+        namespace: namespace.to_owned(),
+    })
+}
+
+/// The objects of a multi-document YAML stream (`helm template`, `helm get manifest`).
+pub fn parse_manifests(text: &str) -> Result<Vec<Value>, String> {
     let mut manifests = Vec::new();
-    for document in serde_norway::Deserializer::from_str(&text) {
+    for document in serde_norway::Deserializer::from_str(text) {
         let value = Value::deserialize(document).map_err(|e| format!("rendered YAML: {e}"))?;
         if !value.is_null() {
             manifests.push(value);
         }
     }
-    Ok(Rendered {
-        manifests,
-        namespace: namespace.to_owned(),
-    })
+    Ok(manifests)
 }
 
 impl Rendered {

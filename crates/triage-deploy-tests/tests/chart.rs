@@ -7,17 +7,7 @@
 use std::collections::BTreeMap;
 
 use serde_json::Value;
-use triage_deploy_tests::{Rendered, load_config, render};
-
-/// Every value set the check script lints and templates.
-const VALUE_SETS: &[&str] = &[
-    "default-values.yaml",
-    "secrets-values.yaml",
-    "direct-values.yaml",
-    "keda-values.yaml",
-    "existing-secrets-values.yaml",
-    "sasl-tls-values.yaml",
-];
+use triage_deploy_tests::{Rendered, VALUE_SETS, load_config, render};
 
 /// The consumer Deployments and the group each one must scale on (the services' default groups).
 const CONSUMERS: &[(&str, &str)] = &[
@@ -41,6 +31,15 @@ fn existing_secrets() -> BTreeMap<&'static str, &'static str> {
 
 fn render_ok(values_files: &[&str], set: &[&str]) -> Rendered {
     render(values_files, set).unwrap_or_else(|e| panic!("helm template {values_files:?}: {e}"))
+}
+
+/// The dispatcher is a StatefulSet (stable pod names, so stable transactional ids).
+fn workload_kind(component: &str) -> &'static str {
+    if component == "ticket-dispatcher" {
+        "StatefulSet"
+    } else {
+        "Deployment"
+    }
 }
 
 fn deployment_name(component: &str) -> String {
@@ -83,11 +82,11 @@ fn every_consumer_has_an_hpa_on_its_own_groups_lag() {
     for (component, group) in expected {
         let hpa = hpa_of(&rendered, component);
         let target = &hpa["spec"]["scaleTargetRef"];
-        assert_eq!(target["kind"], "Deployment");
+        assert_eq!(target["kind"], workload_kind(component));
         assert_eq!(target["name"], deployment_name(component));
         assert!(
             rendered
-                .get("Deployment", target["name"].as_str().unwrap())
+                .get(workload_kind(component), target["name"].as_str().unwrap())
                 .is_some()
         );
         let metrics = hpa["spec"]["metrics"].as_array().unwrap();
@@ -298,10 +297,13 @@ fn no_secret_value_appears_in_a_config_map() {
     // ... and nowhere in a ConfigMap, nor in a Deployment (env values, args, annotations).
     let config_maps: Vec<&Value> = rendered.of_kind("ConfigMap").collect();
     assert_eq!(config_maps.len(), 6);
-    for object in config_maps
-        .iter()
-        .chain(rendered.of_kind("Deployment").collect::<Vec<_>>().iter())
-    {
+    for object in config_maps.iter().chain(
+        rendered
+            .of_kind("Deployment")
+            .chain(rendered.of_kind("StatefulSet"))
+            .collect::<Vec<_>>()
+            .iter(),
+    ) {
         let text = object.to_string();
         for secret in &secrets {
             assert!(
@@ -320,6 +322,7 @@ fn every_container_runs_non_root_with_probes_and_drains_before_sigkill() {
         let rendered = render_ok(&[values], &[]);
         let pods: Vec<&Value> = rendered
             .of_kind("Deployment")
+            .chain(rendered.of_kind("StatefulSet"))
             .chain(rendered.of_kind("Job"))
             .collect();
         assert!(pods.len() >= 6, "{values}: {} workloads", pods.len());
@@ -352,7 +355,7 @@ fn every_container_runs_non_root_with_probes_and_drains_before_sigkill() {
                     "{name}"
                 );
             }
-            if workload["kind"] != "Deployment" {
+            if workload["kind"] == "Job" {
                 continue;
             }
             let container = &containers[0];
@@ -412,7 +415,10 @@ fn every_config_toml_loads_into_its_service_config() {
                 .as_str()
                 .unwrap();
             let toml = config_map["data"]["config.toml"].as_str().unwrap();
-            let deployment = rendered.get("Deployment", name).expect("its Deployment");
+            let deployment = rendered
+                .get("Deployment", name)
+                .or_else(|| rendered.get("StatefulSet", name))
+                .expect("its Deployment or StatefulSet");
             let env = rendered
                 .container_env(deployment, &existing)
                 .unwrap_or_else(|e| panic!("{values}: {name}: {e}"));
@@ -480,12 +486,13 @@ fn every_config_toml_loads_into_its_service_config() {
                 "lag-autoscaler" => {
                     let config: lag_autoscaler::config::Config =
                         load_config(toml, &env).unwrap_or_else(|e| panic!("{context}: {e}"));
-                    // Direct mode scales Deployments by name: they must exist.
+                    // Direct mode scales workloads by kind and name: they must exist.
                     for target in config.targets() {
-                        let deployment = target.deployment.expect("a Deployment per group");
+                        let deployment = target.deployment.expect("a workload per group");
                         assert!(
-                            rendered.get("Deployment", &deployment).is_some(),
-                            "{context}: {deployment}"
+                            rendered.get(target.kind.as_str(), &deployment).is_some(),
+                            "{context}: {} {deployment}",
+                            target.kind.as_str()
                         );
                     }
                 }
@@ -532,21 +539,26 @@ fn direct_mode_patches_deployments_scale_instead_of_hpas() {
     let role = rendered
         .get("Role", "triage-lag-autoscaler-scaler")
         .expect("Role");
-    let rule = &role["rules"][0];
-    assert_eq!(rule["apiGroups"], serde_json::json!(["apps"]));
-    assert_eq!(rule["resources"], serde_json::json!(["deployments/scale"]));
-    assert_eq!(rule["verbs"], serde_json::json!(["get", "patch"]));
-    let mut names: Vec<String> = rule["resourceNames"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_str().unwrap().to_owned())
-        .collect();
+    let mut names: Vec<String> = Vec::new();
+    for rule in role["rules"].as_array().unwrap() {
+        assert_eq!(rule["apiGroups"], serde_json::json!(["apps"]));
+        assert_eq!(rule["verbs"], serde_json::json!(["get", "patch"]));
+        let resource = rule["resources"][0].as_str().unwrap();
+        for name in rule["resourceNames"].as_array().unwrap() {
+            names.push(format!("{resource} {}", name.as_str().unwrap()));
+        }
+    }
     names.sort();
     let mut scaled: Vec<String> = config
         .targets()
         .into_iter()
-        .filter_map(|t| t.deployment)
+        .filter_map(|t| {
+            let resource = match t.kind {
+                lag_autoscaler::config::WorkloadKind::Deployment => "deployments/scale",
+                lag_autoscaler::config::WorkloadKind::StatefulSet => "statefulsets/scale",
+            };
+            Some(format!("{resource} {}", t.deployment?))
+        })
         .collect();
     scaled.sort();
     assert_eq!(names, scaled);
@@ -563,7 +575,7 @@ fn direct_mode_patches_deployments_scale_instead_of_hpas() {
     // The consumers' replica counts belong to lag-autoscaler: the chart does not set them.
     for (component, _) in CONSUMERS {
         let consumer = rendered
-            .get("Deployment", &deployment_name(component))
+            .get(workload_kind(component), &deployment_name(component))
             .unwrap();
         assert!(consumer["spec"]["replicas"].is_null(), "{component}");
     }
@@ -693,4 +705,50 @@ fn base64_decode(text: &str) -> String {
             .unwrap(),
     )
     .unwrap()
+}
+
+#[test]
+fn the_dispatcher_keeps_its_transactional_id_across_restarts() {
+    let rendered = render_ok(&["default-values.yaml"], &[]);
+    let dispatcher = rendered
+        .get("StatefulSet", &deployment_name("ticket-dispatcher"))
+        .expect("the dispatcher is a StatefulSet");
+    assert!(
+        rendered
+            .get("Deployment", &deployment_name("ticket-dispatcher"))
+            .is_none()
+    );
+    assert_eq!(dispatcher["spec"]["podManagementPolicy"], "Parallel");
+    // The replica id is the pod name (StatefulSet: <name>-<ordinal>, the same after a restart).
+    let env = dispatcher["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    assert!(
+        env.iter().any(|v| v["name"] == "POD_NAME"
+            && v["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name")
+    );
+    let config: ticket_publisher::config::Config =
+        load_config(config_toml(&rendered, "ticket-dispatcher"), &[]).unwrap();
+    assert!(
+        config.dispatch.replica_id.is_empty(),
+        "the replica id comes from POD_NAME"
+    );
+    assert!(config.dispatch.static_membership);
+}
+
+#[test]
+fn lag_autoscaler_gets_a_token_to_check_the_aggregator_in_external_mode() {
+    let rendered = render_ok(&["default-values.yaml"], &[]);
+    let pod =
+        &rendered.get("Deployment", "triage-lag-autoscaler").unwrap()["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["automountServiceAccountToken"], true,
+        "the request-header CA and SubjectAccessReviews come from the API"
+    );
+    let config: lag_autoscaler::config::Config =
+        load_config(config_toml(&rendered, "lag-autoscaler"), &[]).unwrap();
+    assert_eq!(
+        config.external_metrics.authentication.mode,
+        lag_autoscaler::config::AuthMode::Delegated
+    );
 }

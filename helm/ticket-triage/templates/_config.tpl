@@ -52,7 +52,9 @@ enabled = false
 enabled = true
 group_id = {{ include "tt.str" $d.groupId }}
 transactional_id = {{ include "tt.str" $d.transactionalId }}
-# replica_id unset: the pod name ($POD_NAME), so a restarted pod fences its predecessor.
+# replica_id unset: the pod name ($POD_NAME), stable in the StatefulSet, so a replacement pod
+# fences its predecessor; the same name rejoins the group at once as a static member.
+static_membership = true
 lanes = {{ int $d.lanes }}
 batch_max_records = {{ int $d.batchMaxRecords }}
 batch_max_wait = {{ include "tt.str" $d.batchMaxWait }}
@@ -163,6 +165,7 @@ interval = {{ include "tt.str" $v.lagAutoscaler.interval }}
 group = {{ include "tt.str" .group }}
 topic = {{ include "tt.str" .topic }}
 deployment = {{ include "tt.str" (include "tt.name" (list $root .component)) }}
+kind = {{ include "tt.str" (include "tt.workloadKind" .component) }}
 target_lag_per_replica = {{ int $autoscaling.targetLagPerReplica }}
 min_replicas = {{ int $autoscaling.minReplicas }}
 max_replicas = {{ include "tt.maxReplicas" (list $root .key) }}

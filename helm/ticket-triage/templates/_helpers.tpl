@@ -1,6 +1,10 @@
-{{/* Prefix of every resource name: fullnameOverride, else the release name. */}}
+{{/*
+Prefix of every resource name: fullnameOverride, else the release name. At most 34 characters:
+the dispatcher's StatefulSet, <prefix>-ticket-dispatcher, must stay within 52 (its pods carry a
+controller-revision-hash label <name>-<10-character hash>, and a label value has 63 at most).
+*/}}
 {{- define "tt.fullname" -}}
-{{- default .Release.Name .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- default .Release.Name .Values.fullnameOverride | trunc 34 | trimSuffix "-" -}}
 {{- end -}}
 
 {{/* Name of one component's resources: (list $ "inference-worker"). */}}
@@ -298,6 +302,11 @@ rounded up; the services accept more forms, the grace period and retention.ms ne
 {{- define "tt.valuesKey" -}}
 {{- $parts := splitList "-" . -}}
 {{- first $parts -}}{{- range rest $parts -}}{{- title . -}}{{- end -}}
+{{- end -}}
+
+{{/* Workload kind of a component: the transactional dispatcher needs stable pod names. */}}
+{{- define "tt.workloadKind" -}}
+{{- if eq . "ticket-dispatcher" -}}StatefulSet{{- else -}}Deployment{{- end -}}
 {{- end -}}
 
 {{/* Binary of a component: the dispatch stage is the ticket-publisher binary. */}}

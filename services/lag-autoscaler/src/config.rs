@@ -70,9 +70,13 @@ pub struct GroupTarget {
     pub group: String,
     /// The topic the group consumes.
     pub topic: String,
-    /// The Deployment running the group's consumers: a metric label, and what direct mode scales.
+    /// The workload running the group's consumers: a metric label, and what direct mode scales.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment: Option<String>,
+    /// What kind of workload `deployment` names: the transactional dispatcher runs as a
+    /// StatefulSet, so that each replica keeps its `transactional.id` across restarts.
+    #[serde(default)]
+    pub kind: WorkloadKind,
     /// Overrides `direct.target_lag_per_replica` for this group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_lag_per_replica: Option<u64>,
@@ -84,12 +88,30 @@ pub struct GroupTarget {
     pub max_replicas: Option<u32>,
 }
 
+/// The workloads direct mode scales through their `scale` subresource.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum WorkloadKind {
+    #[default]
+    Deployment,
+    StatefulSet,
+}
+
+impl WorkloadKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadKind::Deployment => "Deployment",
+            WorkloadKind::StatefulSet => "StatefulSet",
+        }
+    }
+}
+
 impl GroupTarget {
     pub fn new(group: &str, topic: &str, deployment: Option<&str>) -> Self {
         GroupTarget {
             group: group.to_owned(),
             topic: topic.to_owned(),
             deployment: deployment.map(str::to_owned),
+            kind: WorkloadKind::Deployment,
             target_lag_per_replica: None,
             min_replicas: None,
             max_replicas: None,
@@ -114,6 +136,55 @@ pub struct ExternalMetricsConfig {
     pub tls_key: Option<PathBuf>,
     /// DNS names and IP addresses the self-signed certificate is issued for.
     pub self_signed_names: Vec<String>,
+    /// Who may call the API: see `aggregator_auth`.
+    pub authentication: ExternalMetricsAuthConfig,
+}
+
+/// Whether the External Metrics API checks who is calling.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Only the aggregation layer (a client certificate from the request-header CA with an
+    /// allowed name), for a user the API server's RBAC allows (SubjectAccessReview).
+    #[default]
+    Delegated,
+    /// Anyone who reaches the port is answered: for a local run without a Kubernetes API.
+    None,
+}
+
+/// How the External Metrics API authenticates the aggregator and authorises its users.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExternalMetricsAuthConfig {
+    pub mode: AuthMode,
+    /// PEM of the request-header CA. Unset: `requestheader-client-ca-file` of the ConfigMap
+    /// kube-system/extension-apiserver-authentication, with its allowed names and header names
+    /// (the API server publishes its `--requestheader-*` flags there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+    /// With `client_ca_file`: the common names the aggregator's certificate may have (its
+    /// `--requestheader-allowed-names`); empty accepts any certificate the CA signed.
+    pub allowed_names: Vec<String>,
+    /// A kubeconfig for the ConfigMap and the SubjectAccessReviews. Unset: in-cluster
+    /// configuration, then `KUBECONFIG` / `~/.kube/config`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    /// How long an authorisation answer is reused: the HPA controller asks the same question
+    /// every sync period (the API server's own webhook cache defaults to 10 s too).
+    #[serde(with = "humantime_serde")]
+    pub authorization_cache_ttl: Duration,
+}
+
+impl Default for ExternalMetricsAuthConfig {
+    fn default() -> Self {
+        ExternalMetricsAuthConfig {
+            mode: AuthMode::Delegated,
+            client_ca_file: None,
+            allowed_names: Vec::new(),
+            kubeconfig: None,
+            authorization_cache_ttl: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Default for ExternalMetricsConfig {
@@ -124,6 +195,7 @@ impl Default for ExternalMetricsConfig {
             tls_cert: None,
             tls_key: None,
             self_signed_names: vec!["localhost".into(), "lag-autoscaler".into()],
+            authentication: ExternalMetricsAuthConfig::default(),
         }
     }
 }
@@ -290,6 +362,21 @@ impl Validate for ExternalMetricsConfig {
         if self.tls_cert.is_none() && self.self_signed_names.is_empty() {
             problems.push(
                 "external_metrics.self_signed_names must name at least one host when no certificate is configured"
+                    .into(),
+            );
+        }
+        let auth = &self.authentication;
+        if auth.mode == AuthMode::None
+            && (auth.client_ca_file.is_some() || !auth.allowed_names.is_empty())
+        {
+            problems.push(
+                "external_metrics.authentication: client_ca_file and allowed_names need mode = \"delegated\""
+                    .into(),
+            );
+        }
+        if !auth.allowed_names.is_empty() && auth.client_ca_file.is_none() {
+            problems.push(
+                "external_metrics.authentication.allowed_names comes from the extension-apiserver-authentication ConfigMap unless client_ca_file is set"
                     .into(),
             );
         }

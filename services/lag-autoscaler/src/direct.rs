@@ -4,7 +4,7 @@
 use std::{collections::HashMap, time::Instant};
 
 use crate::{
-    config::{Config, DirectConfig, GroupTarget},
+    config::{Config, DirectConfig, GroupTarget, WorkloadKind},
     kubernetes::{Deployments, KubeError},
     metrics::Metrics,
     scaler::{Direction, Observation, ScalePolicy, Scaler},
@@ -13,7 +13,7 @@ use crate::{
 
 /// Where current replica counts come from.
 enum Replicas {
-    Api(Deployments),
+    Api(Box<Deployments>),
     /// Dry run with no Kubernetes API in reach: the counts direct mode would have set.
     Simulated(HashMap<String, u32>),
 }
@@ -21,6 +21,7 @@ enum Replicas {
 struct Watched {
     group: String,
     deployment: String,
+    kind: WorkloadKind,
     scaler: Scaler,
 }
 
@@ -44,6 +45,7 @@ impl DirectMode {
                 Some(Watched {
                     group: target.group.clone(),
                     deployment,
+                    kind: target.kind,
                     scaler: Scaler::new(policy(direct, &target)),
                 })
             })
@@ -56,7 +58,7 @@ impl DirectMode {
                     dry_run = direct.dry_run,
                     "direct mode scales deployments"
                 );
-                Replicas::Api(deployments)
+                Replicas::Api(Box::new(deployments))
             }
             Err(error) if direct.dry_run => {
                 tracing::warn!(error = %error, "no kubernetes api; the dry run simulates replica counts");
@@ -92,7 +94,9 @@ impl DirectMode {
                 continue;
             }
             let current = match &self.replicas {
-                Replicas::Api(deployments) => match deployments.replicas(&watched.deployment).await
+                Replicas::Api(deployments) => match deployments
+                    .replicas(watched.kind, &watched.deployment)
+                    .await
                 {
                     Ok(current) => current,
                     Err(error) => {
@@ -142,7 +146,7 @@ impl DirectMode {
                     // A failed patch still starts the cooldown: retrying at every poll would
                     // hammer an API server that is already refusing.
                     if let Err(error) = deployments
-                        .scale(&watched.deployment, decision.desired)
+                        .scale(watched.kind, &watched.deployment, decision.desired)
                         .await
                     {
                         tracing::warn!(deployment = %watched.deployment, error = %error, "cannot scale the deployment");

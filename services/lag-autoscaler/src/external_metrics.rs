@@ -38,6 +38,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use triage_runtime::shutdown::Shutdown;
 
 use crate::{
+    aggregator_auth::{self, RequestHeaderAuth},
     config::ExternalMetricsConfig,
     selector::Selector,
     snapshot::{GroupLag, LagSnapshot},
@@ -208,7 +209,7 @@ async fn not_found() -> Response {
     )
 }
 
-fn status(code: StatusCode, reason: &str, message: String) -> Response {
+pub(crate) fn status(code: StatusCode, reason: &str, message: String) -> Response {
     let body = Status {
         code: Some(i32::from(code.as_u16())),
         message: Some(message),
@@ -226,24 +227,19 @@ pub struct TlsServer {
 }
 
 /// Binds `config.listen` and serves `router` over TLS until `shutdown` fires, with the
-/// configured certificate or a self-signed one made now.
+/// configured certificate or a self-signed one made now. With `auth`, every request is
+/// authenticated and authorised first (see [`crate::aggregator_auth`]).
 pub async fn serve_tls(
     config: &ExternalMetricsConfig,
     router: Router,
+    auth: Option<RequestHeaderAuth>,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<TlsServer> {
-    let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => {
-            RustlsConfig::from_pem_file(cert, key)
-                .await
-                .with_context(|| {
-                    format!(
-                        "failed to load the TLS certificate {} and key {}",
-                        cert.display(),
-                        key.display()
-                    )
-                })?
-        }
+    let (cert_pem, key_pem) = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => (
+            aggregator_auth::read_pem(cert)?,
+            aggregator_auth::read_pem(key)?,
+        ),
         _ => {
             let generated = rcgen::generate_simple_self_signed(config.self_signed_names.clone())
                 .context("failed to generate a self-signed certificate")?;
@@ -251,12 +247,30 @@ pub async fn serve_tls(
                 names = ?config.self_signed_names,
                 "external metrics api uses a self-signed certificate"
             );
-            RustlsConfig::from_pem(
+            (
                 generated.cert.pem().into_bytes(),
                 generated.signing_key.serialize_pem().into_bytes(),
             )
-            .await
-            .context("failed to use the self-signed certificate")?
+        }
+    };
+    let (tls, router) = match auth {
+        Some(auth) => (
+            RustlsConfig::from_config(Arc::new(auth.tls_config(&cert_pem, &key_pem)?)),
+            router.layer(axum::middleware::from_fn_with_state(
+                auth,
+                aggregator_auth::authenticate,
+            )),
+        ),
+        None => {
+            tracing::warn!(
+                "external metrics api answers every caller (external_metrics.authentication.mode = none)"
+            );
+            (
+                RustlsConfig::from_pem(cert_pem, key_pem)
+                    .await
+                    .context("failed to load the TLS certificate and key")?,
+                router,
+            )
         }
     };
     let listener = std::net::TcpListener::bind(config.listen).with_context(|| {

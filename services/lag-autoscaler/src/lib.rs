@@ -8,7 +8,8 @@
 //! - [`monitor`]: one poll: read, judge, record metrics, build the [`snapshot::LagSnapshot`].
 //! - [`metrics`]: the Prometheus series.
 //! - [`lag_api`]: `/api/v1/lag` on the admin port (KEDA's metrics-api scaler).
-//! - [`external_metrics`] and [`selector`]: `external.metrics.k8s.io/v1beta1` over TLS.
+//! - [`external_metrics`] and [`selector`]: `external.metrics.k8s.io/v1beta1` over TLS;
+//!   [`aggregator_auth`]: only the aggregation layer, for users RBAC allows.
 //! - [`scaler`]: direct mode's decision, a pure state machine; [`direct`] applies it through
 //!   [`kubernetes`].
 
@@ -27,6 +28,7 @@
 )]
 #![forbid(unsafe_code)]
 
+pub mod aggregator_auth;
 pub mod config;
 pub mod direct;
 pub mod external_metrics;
@@ -90,8 +92,15 @@ pub async fn run(config: Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     )
     .await?;
     let external = if config.external_metrics.enabled {
+        let auth = aggregator_auth::RequestHeaderAuth::from_config(
+            &config.external_metrics.authentication,
+        )
+        .await?;
         let router = external_metrics::router(snapshot_rx.clone());
-        Some(external_metrics::serve_tls(&config.external_metrics, router, shutdown.clone()).await?)
+        Some(
+            external_metrics::serve_tls(&config.external_metrics, router, auth, shutdown.clone())
+                .await?,
+        )
     } else {
         None
     };

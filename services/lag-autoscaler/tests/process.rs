@@ -15,6 +15,11 @@ async fn starts_ready_and_exits_zero_on_sigterm() {
         "TRIAGE_EXTERNAL_METRICS__LISTEN".into(),
         format!("127.0.0.1:{}", free_port()),
     ));
+    // No API server here to read the request-header CA from (tests/k8s.rs has one).
+    env.push((
+        "TRIAGE_EXTERNAL_METRICS__AUTHENTICATION__MODE".into(),
+        "none".into(),
+    ));
     assert_starts_ready_and_exits_zero_on_sigterm(BINARY, lag_autoscaler::SERVICE, &env).await;
 }
 

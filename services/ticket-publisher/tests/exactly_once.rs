@@ -1,21 +1,11 @@
 //! The dispatch stage killed with SIGKILL in the middle of a batch and restarted: under
 //! read_committed there is exactly one task per event, none missing, none twice.
 
-use std::{collections::HashMap, time::Duration};
+mod common;
 
-use rdkafka::{
-    Message, Offset, TopicPartitionList,
-    consumer::{Consumer, StreamConsumer},
-    message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
-};
-use triage_proto::{
-    ContentType,
-    v1::{InferenceTask, TicketCreated},
-};
-use triage_test_support::{
-    ServiceProcess, TestContext, client_config, consumer, header, read_for, read_records,
-};
+use std::time::Duration;
+
+use triage_test_support::{ServiceProcess, TestContext, consumer, read_for, read_records};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_ticket-publisher");
 const EVENTS: usize = 20_000;
@@ -43,66 +33,13 @@ fn dispatcher_env(ctx: &TestContext) -> Vec<(String, String)> {
     env
 }
 
-/// Everything on the tasks topic, aborted transactions included. Partitions are assigned
-/// directly (no group join), so it sees records within milliseconds of their being written.
-fn uncommitted_reader(topic: &str, partitions: i32) -> StreamConsumer {
-    let reader: StreamConsumer = client_config()
-        .set(
-            "group.id",
-            format!("test-uncommitted-{}", uuid::Uuid::new_v4().simple()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_uncommitted")
-        .create()
-        .unwrap();
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..partitions {
-        assignment
-            .add_partition_offset(topic, partition, Offset::Beginning)
-            .unwrap();
-    }
-    reader.assign(&assignment).unwrap();
-    reader
-}
-
 #[tokio::test]
 async fn kill_9_mid_batch_then_restart_gives_exactly_one_task_per_event() {
     let ctx = TestContext::new("tp_kill9");
     ctx.create_topics(3).await;
-    let producer: FutureProducer = client_config().create().unwrap();
-    let sends = (0..EVENTS).map(|i| {
-        let ticket_id = format!("t-{i:05}");
-        let event = TicketCreated {
-            ticket_id: ticket_id.clone(),
-            tenant_id: format!("tenant-{}", i % 7),
-            subject: "subject".into(),
-            description: format!("ticket number {i}"),
-            ..Default::default()
-        };
-        let payload = triage_proto::encode(&event, ContentType::Protobuf);
-        let producer = producer.clone();
-        let topic = ctx.topics.tickets_created.clone();
-        async move {
-            let headers = OwnedHeaders::new().insert(Header {
-                key: "content-type",
-                value: Some("application/x-protobuf"),
-            });
-            producer
-                .send(
-                    FutureRecord::to(&topic)
-                        .key(&ticket_id)
-                        .payload(&payload)
-                        .headers(headers),
-                    Duration::from_secs(20),
-                )
-                .await
-                .map_err(|(e, _)| e)
-                .unwrap();
-        }
-    });
-    futures::future::join_all(sends).await;
+    common::produce_ticket_events(&ctx.topics.tickets_created, EVENTS).await;
 
-    let uncommitted = uncommitted_reader(&ctx.topics.inference_tasks, 3);
+    let uncommitted = common::task_reader(&ctx.topics.inference_tasks, 3, "read_uncommitted");
     let env = dispatcher_env(&ctx);
     let mut in_log = 0;
     for _ in 0..KILLS {
@@ -124,18 +61,7 @@ async fn kill_9_mid_batch_then_restart_gives_exactly_one_task_per_event() {
     let extra = read_for(&committed, Duration::from_secs(2)).await;
     assert!(extra.is_empty(), "{} tasks more than events", extra.len());
 
-    let mut per_ticket: HashMap<String, usize> = HashMap::new();
-    for record in &tasks {
-        let task: InferenceTask =
-            triage_proto::decode(record.payload().unwrap(), header(record, "content-type"))
-                .unwrap();
-        *per_ticket.entry(task.ticket_id).or_default() += 1;
-    }
-    assert_eq!(per_ticket.len(), EVENTS, "a ticket has no task");
-    assert!(
-        per_ticket.values().all(|&n| n == 1),
-        "a ticket has two tasks"
-    );
+    common::assert_one_task_per_ticket(&tasks, EVENTS);
 
     // Proof that the kill landed inside a transaction: records of the killed instance's open
     // batch are in the log (read_uncommitted sees them) but were never committed, so the log

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use lag_autoscaler::{
     Config,
-    config::{GroupTarget, LagConfig},
+    config::{AuthMode, GroupTarget, LagConfig},
 };
 use rdkafka::{
     Offset, TopicPartitionList,
@@ -57,6 +57,8 @@ pub fn config(groups: Vec<GroupTarget>) -> Config {
     config.kafka.bootstrap_servers = Stack::get().kafka_bootstrap.clone();
     config.admin.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     config.external_metrics.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // No API server here: tests/k8s.rs covers the aggregator's authentication.
+    config.external_metrics.authentication.mode = AuthMode::None;
     config.lag = LagConfig {
         interval: Duration::from_millis(200),
         groups: Some(groups),

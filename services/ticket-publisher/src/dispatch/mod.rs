@@ -191,12 +191,21 @@ async fn transactional_producer(
     Ok(producer)
 }
 
-/// Only another replica with the same `transactional.id` makes a producer error final; any
-/// other fatal or abort error is cured by a new producer (e.g. after a broker restart).
+/// Only another replica with the same id makes an error final; any other fatal or abort error
+/// is cured by a new producer (e.g. after a broker restart). "Another replica" shows as the
+/// broker's ProducerFenced / InvalidProducerEpoch, as librdkafka's local `_FENCED` once the
+/// producer knows (a frozen replica thawed after its replacement started: tests/fencing.rs),
+/// and as FencedInstanceId on the consumer of a static member. A new producer here would
+/// fence the replacement in turn, and the two would take the id from each other.
 fn is_fenced(error: &KafkaError) -> bool {
     matches!(
         error.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+        Some(
+            RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::FencedInstanceId
+        )
     )
 }
 
@@ -267,6 +276,7 @@ impl Dispatcher {
             };
             let first = match first {
                 Ok(message) => message.detach(),
+                Err(error) if is_fenced(&error) => return Err(DispatchError::Fatal(error)),
                 Err(error) => {
                     tracing::warn!(lane = self.lane, error = %error, "dispatch consumer error");
                     continue;

@@ -113,3 +113,94 @@ pub fn post_json(key: Option<&str>, body: &Value) -> Request<Body> {
 }
 
 pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `count` ticket events (protobuf, keyed by ticket id `t-00000`…, seven tenants) on `topic`,
+/// all acknowledged: the backlog of the dispatch-stage tests.
+pub async fn produce_ticket_events(topic: &str, count: usize) {
+    use rdkafka::{
+        message::{Header, OwnedHeaders},
+        producer::{FutureProducer, FutureRecord},
+    };
+    use triage_proto::{ContentType, v1::TicketCreated};
+
+    let producer: FutureProducer = triage_test_support::client_config().create().unwrap();
+    let sends = (0..count).map(|i| {
+        let ticket_id = format!("t-{i:05}");
+        let event = TicketCreated {
+            ticket_id: ticket_id.clone(),
+            tenant_id: format!("tenant-{}", i % 7),
+            subject: "subject".into(),
+            description: format!("ticket number {i}"),
+            ..Default::default()
+        };
+        let payload = triage_proto::encode(&event, ContentType::Protobuf);
+        let producer = producer.clone();
+        async move {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "content-type",
+                value: Some("application/x-protobuf"),
+            });
+            producer
+                .send(
+                    FutureRecord::to(topic)
+                        .key(&ticket_id)
+                        .payload(&payload)
+                        .headers(headers),
+                    Duration::from_secs(20),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+    });
+    futures::future::join_all(sends).await;
+}
+
+/// Every partition of `topic` from the beginning, assigned directly (no group join, so records
+/// arrive within milliseconds of being written), at `isolation`: `read_uncommitted` sees the
+/// records of open and aborted transactions, `read_committed` stops before the first open one.
+pub fn task_reader(
+    topic: &str,
+    partitions: i32,
+    isolation: &str,
+) -> rdkafka::consumer::StreamConsumer {
+    use rdkafka::{Offset, TopicPartitionList, consumer::Consumer};
+
+    let reader: rdkafka::consumer::StreamConsumer = triage_test_support::client_config()
+        .set(
+            "group.id",
+            format!("test-reader-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", isolation)
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment
+            .add_partition_offset(topic, partition, Offset::Beginning)
+            .unwrap();
+    }
+    reader.assign(&assignment).unwrap();
+    reader
+}
+
+/// Exactly one task per ticket event `t-00000`… among `tasks`: none missing, none twice.
+pub fn assert_one_task_per_ticket(tasks: &[rdkafka::message::OwnedMessage], events: usize) {
+    use rdkafka::Message;
+
+    let mut per_ticket: std::collections::HashMap<String, usize> = Default::default();
+    for record in tasks {
+        let task: triage_proto::v1::InferenceTask = triage_proto::decode(
+            record.payload().unwrap(),
+            triage_test_support::header(record, "content-type"),
+        )
+        .unwrap();
+        *per_ticket.entry(task.ticket_id).or_default() += 1;
+    }
+    assert_eq!(per_ticket.len(), events, "a ticket has no task");
+    assert!(
+        per_ticket.values().all(|&n| n == 1),
+        "a ticket has two tasks"
+    );
+}
