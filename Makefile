@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Integration tests share one broker; a few at a time keeps 2 cores responsive.
 TEST_THREADS ?= 4
 
-.PHONY: help demo test helm-check stack-up stack-down stack-status build lint fmt clippy unit bench clean-stack
+.PHONY: help demo test helm-check image stack-up stack-down stack-status build lint fmt clippy unit bench clean-stack
 
 help:
 	@echo "make demo        run the pipeline locally and watch tickets being triaged"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench       run the benchmarks recorded in docs/BENCHMARKS.md (BENCH=name for one)"
 	@echo "make chaos       kill workers, restart broker/Redis/PostgreSQL, LLM outage; check nothing is lost"
 	@echo "make helm-check  lint, render and validate the Helm chart (installs helm into .local/bin)"
+	@echo "make image       build the container image with podman (release binaries; IMAGE_PROFILE=dev for debug)"
 
 stack-up:
 	@deploy/stack.sh up
@@ -49,6 +50,12 @@ test: stack-up lint helm-check
 # Dockerfile checks; installs helm into .local/bin on first use. The chart's Rust tests need it.
 helm-check:
 	@deploy/helm-check.sh
+
+# The runtime image, built with podman from the Dockerfile's `prebuilt` path on a Debian base made
+# here (deploy/image.sh). Release binaries by default: ~15 min of compiling on 2 cores from scratch.
+IMAGE_PROFILE ?= release
+image:
+	@deploy/image.sh --profile $(IMAGE_PROFILE)
 
 demo: stack-up
 	@deploy/demo.sh
