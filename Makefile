@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Integration tests share one broker; a few at a time keeps 2 cores responsive.
 TEST_THREADS ?= 4
 
-.PHONY: help demo test helm-check image stack-up stack-down stack-status build lint fmt clippy unit bench clean-stack
+.PHONY: help demo test helm-check image image-test image-test-run stack-up stack-down stack-status build lint fmt clippy unit bench clean-stack
 
 help:
 	@echo "make demo        run the pipeline locally and watch tickets being triaged"
@@ -16,6 +16,7 @@ help:
 	@echo "make chaos       kill workers, restart broker/Redis/PostgreSQL, LLM outage; check nothing is lost"
 	@echo "make helm-check  lint, render and validate the Helm chart (installs helm into .local/bin)"
 	@echo "make image       build the container image with podman (release binaries; IMAGE_PROFILE=dev for debug)"
+	@echo "make image-test  build it from the debug binaries and run it as the chart does (part of make test)"
 
 stack-up:
 	@deploy/stack.sh up
@@ -40,11 +41,13 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # Tests named serial_* measure time (throughput against a rate limit) or restart the shared stack
-# (chaos), so they run alone, after the rest. The end-to-end tests start the service binaries.
+# (chaos), so they run alone, after the rest. The end-to-end tests start the service binaries;
+# the image test last starts them again as containers (image-test-run, below).
 test: stack-up lint helm-check
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS) --skip serial_
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=1 serial_
+	@$(MAKE) --no-print-directory image-test-run
 
 # helm lint/template of every value set, offline schema validation (Kubernetes 1.33), compose and
 # Dockerfile checks; installs helm into .local/bin on first use. The chart's Rust tests need it.
@@ -56,6 +59,17 @@ helm-check:
 IMAGE_PROFILE ?= release
 image:
 	@deploy/image.sh --profile $(IMAGE_PROFILE)
+
+# The image from the dev-profile binaries `make test` has already built (a release build would add
+# ~15 min to CI), run under the chart's conditions against the local stack. Same Dockerfile and
+# runtime stage as `make image`; only the binaries' optimisation differs.
+IMAGE_TEST_PROFILE ?= dev
+IMAGE_TEST_NAME ?= localhost/ticket-triage:image-test
+image-test: stack-up helm-check image-test-run
+
+image-test-run:
+	@deploy/image.sh --profile $(IMAGE_TEST_PROFILE) --image $(IMAGE_TEST_NAME)
+	TRIAGE_IMAGE=$(IMAGE_TEST_NAME) $(CARGO) test --workspace --test image -- --ignored --nocapture
 
 demo: stack-up
 	@deploy/demo.sh

@@ -1,5 +1,6 @@
 //! Test support for the deployment artefacts: renders the Helm chart with the real `helm`
-//! binary, loads each rendered `config.toml` the way the services do, and reads the Dockerfile.
+//! binary, loads each rendered `config.toml` the way the services do, reads the Dockerfile, and
+//! runs the chart's containers with podman.
 //!
 //! # Layout
 //! - [`render`]: `helm template` of `helm/ticket-triage` into parsed manifests ([`Rendered`]).
@@ -7,6 +8,7 @@
 //! - [`load_config`]: a config file plus environment through `triage_runtime::config::load`.
 //! - [`compose_file`]: deploy/docker-compose.yml with its merge keys applied.
 //! - [`dockerfile`]: the Dockerfile's stages, ports, user and entrypoints.
+//! - [`podman`]: a rendered Deployment's container run by podman as a kubelet would run it.
 //!
 //! `helm` is the one deploy/helm-check.sh installs into `.local/bin`; without it the tests fail
 //! and say how to get it, rather than skip.
@@ -22,6 +24,7 @@ use serde_json::Value;
 use triage_runtime::config::{ConfigError, Validate};
 
 pub mod dockerfile;
+pub mod podman;
 
 /// The Kubernetes version the chart is rendered for (the one deploy/helm-check.sh validates).
 pub const KUBE_VERSION: &str = "1.33.0";
