@@ -33,11 +33,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked --bins \
     && mkdir -p /out \
     && for bin in $BINARIES; do \
-         cp "target/release/$bin" /out/; \
+         objcopy --strip-debug "target/release/$bin" "/out/$bin"; \
        done
 
 # Binaries built outside (a host's `cargo build`, same Debian release as the runtime, so the same
 # glibc and OpenSSL). The check stops an image with a binary missing from being built at all.
+# Both stages drop the binaries' debug info: the release profile keeps line tables of every
+# dependency (debug = "line-tables-only"), 80 MB of a 100 MB binary.
 FROM ${RUNTIME_IMAGE} AS prebuilt
 ARG BINARIES
 COPY bin/ /out/
