@@ -55,16 +55,18 @@ helm-check:
 	@deploy/helm-check.sh
 
 # The runtime image, built with podman from the Dockerfile's `prebuilt` path on a Debian base made
-# here (deploy/image.sh). Release binaries by default: ~15 min of compiling on 2 cores from scratch.
+# here (deploy/image.sh). Release binaries by default: a release build of the workspace first
+# (6–45 min on 2 cores, depending on what else runs; docs/BENCHMARKS.md).
 IMAGE_PROFILE ?= release
 image:
 	@deploy/image.sh --profile $(IMAGE_PROFILE)
 
 # The image from the dev-profile binaries `make test` has already built (a release build would add
-# ~15 min to CI), run under the chart's conditions against the local stack. Same Dockerfile and
+# minutes to CI), run under the chart's conditions against the local stack. Same Dockerfile and
 # runtime stage as `make image`; only the binaries' optimisation differs.
 IMAGE_TEST_PROFILE ?= dev
-IMAGE_TEST_NAME ?= localhost/ticket-triage:image-test
+# One tag per clone: worktrees on one machine share podman's image store.
+IMAGE_TEST_NAME ?= localhost/ticket-triage:test-$(shell basename "$(CURDIR)" | tr -c 'A-Za-z0-9_.\n-' '-')
 image-test: stack-up helm-check image-test-run
 
 image-test-run:

@@ -8,6 +8,7 @@
 #     only a registry has; both stages feed the same runtime stage.
 #
 #   deploy/image.sh [--profile release|dev|PROFILE] [--image NAME]
+#   BASE_IMAGE=docker.io/library/debian:bookworm-slim deploy/image.sh   # where a registry is reachable
 #
 # `make image` builds with the release profile (6 to 45 minutes of compiling on 2 cores when
 # nothing is built yet); `make image-test` with dev, whose binaries `make test` has already built.
@@ -44,7 +45,9 @@ missing=()
 command -v objcopy >/dev/null || missing+=(binutils)
 command -v podman >/dev/null || missing+=(podman)
 [[ -x /usr/sbin/runc ]] || missing+=(runc)
-command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+if [[ $BASE_IMAGE == localhost/* ]]; then
+  command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+fi
 if ((${#missing[@]})); then
   log "installing ${missing[*]} with apt-get"
   as_root_or_sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -55,8 +58,8 @@ fi
 # ---------------------------------------------------------------------------------------------
 # The base: what debian:bookworm-slim is, made from Debian's archive. The dpkg excludes are the
 # ones the official slim images use (no man pages, docs but copyright files, locales), so the
-# size printed here is close to what a registry's base gives. A registry replaces all of this
-# with RUNTIME_IMAGE=debian:bookworm-slim; the Dockerfile does not change.
+# size printed here is close to what a registry's base gives. Where a registry is reachable,
+# BASE_IMAGE=docker.io/library/debian:bookworm-slim is pulled instead; the Dockerfile is the same.
 BASE_RECIPE=(
   mmdebstrap --variant=apt --include=ca-certificates,libssl3,zlib1g
   '--dpkgopt=path-exclude=/usr/share/man/*'
@@ -75,7 +78,12 @@ base_tar="$CACHE/debian-bookworm-$recipe.tar"
 base_id_file="$CACHE/debian-bookworm-$recipe.image-id"
 mkdir -p "$CACHE"
 base_id=$(podman image inspect --format '{{.Id}}' "$BASE_IMAGE" 2>/dev/null || true)
-if [[ -z $base_id || $base_id != "$(cat "$base_id_file" 2>/dev/null)" ]]; then
+if [[ $BASE_IMAGE != localhost/* ]]; then
+  if [[ -z $base_id ]]; then
+    log "pulling $BASE_IMAGE"
+    podman pull --quiet "$BASE_IMAGE" >/dev/null
+  fi
+elif [[ -z $base_id || $base_id != "$(cat "$base_id_file" 2>/dev/null)" ]]; then
   if [[ ! -f $base_tar ]]; then
     step=$SECONDS
     log "making the base with mmdebstrap (Debian's archive, once; cached in ${base_tar#"$ROOT"/})"
@@ -144,6 +152,7 @@ if [[ -z $IMAGE ]]; then
   [[ $PROFILE == release ]] || IMAGE="$IMAGE-$PROFILE"
 fi
 
+previous_id=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 step=$SECONDS
 log "podman build $IMAGE (binaries: prebuilt, $PROFILE; base: $BASE_IMAGE)"
 # Host network for the runtime stage's apt-get, which reaches Debian's archive as the host does.
@@ -157,6 +166,12 @@ podman build --quiet --pull=never --network=host \
   --tag "$IMAGE" \
   "$CONTEXT" >"$CACHE/build.log" 2>&1 || { cat "$CACHE/build.log" >&2; die "podman build failed"; }
 log "built in $((SECONDS - step)) s"
+# The image this one replaced under the same name, unless something still uses it. (Each build
+# also leaves its binaries' stage untagged; `podman image prune` removes those, and other
+# users' images too, so it is left to whoever owns the machine.)
+if [[ -n $previous_id && $previous_id != "$(podman image inspect --format '{{.Id}}' "$IMAGE")" ]]; then
+  podman rmi "$previous_id" >/dev/null 2>&1 || true
+fi
 
 read -r size layers < <(podman image inspect --format '{{.Size}} {{len .RootFS.Layers}}' "$IMAGE")
 log "$IMAGE: $((size / 1000000)) MB in $layers layers, revision $REVISION ($((SECONDS - started)) s in all)"
