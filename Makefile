@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Integration tests share one broker; a few at a time keeps 2 cores responsive.
 TEST_THREADS ?= 4
 
-.PHONY: fuzz help demo test k8s-test helm-check stack-up stack-down stack-status build lint fmt clippy unit bench clean-stack
+.PHONY: fuzz help demo test k8s-test helm-check image image-test image-test-run stack-up stack-down stack-status build lint fmt clippy unit bench clean-stack
 
 help:
 	@echo "make demo        run the pipeline locally and watch tickets being triaged"
@@ -17,6 +17,8 @@ help:
 	@echo "make helm-check  lint, render and validate the Helm chart (installs helm into .local/bin)"
 	@echo "make fuzz        long property-test runs of every parser of outside input (FUZZ_CASES=100000)"
 	@echo "make k8s-test    install the chart into a real kube-apiserver on loopback; HPAs scale on real lag"
+	@echo "make image       build the container image with podman (release binaries; IMAGE_PROFILE=dev for debug)"
+	@echo "make image-test  build it from the debug binaries and run it as the chart does (part of make test)"
 
 stack-up:
 	@deploy/stack.sh up
@@ -42,11 +44,13 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # Tests named serial_* measure time (throughput against a rate limit) or restart the shared stack
-# (chaos), so they run alone, after the rest. The end-to-end tests start the service binaries.
+# (chaos), so they run alone, after the rest. The end-to-end tests start the service binaries;
+# the image test last starts them again as containers (image-test-run, below).
 test: stack-up lint helm-check
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS) --skip serial_
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=1 serial_
+	@$(MAKE) --no-print-directory image-test-run
 	@$(MAKE) --no-print-directory k8s-test
 
 # The chart installed into a real kube-apiserver v1.37.2 on loopback (etcd, apiserver and
@@ -68,6 +72,25 @@ fuzz: stack-up
 # Dockerfile checks; installs helm into .local/bin on first use. The chart's Rust tests need it.
 helm-check:
 	@deploy/helm-check.sh
+
+# The runtime image, built with podman from the Dockerfile's `prebuilt` path on a Debian base made
+# here (deploy/image.sh). Release binaries by default: a release build of the workspace first
+# (6–45 min on 2 cores, depending on what else runs; docs/BENCHMARKS.md).
+IMAGE_PROFILE ?= release
+image:
+	@deploy/image.sh --profile $(IMAGE_PROFILE)
+
+# The image from the dev-profile binaries `make test` has already built (a release build would add
+# minutes to CI), run under the chart's conditions against the local stack. Same Dockerfile and
+# runtime stage as `make image`; only the binaries' optimisation differs.
+IMAGE_TEST_PROFILE ?= dev
+# One tag per clone: worktrees on one machine share podman's image store.
+IMAGE_TEST_NAME ?= localhost/ticket-triage:test-$(shell basename "$(CURDIR)" | tr -c 'A-Za-z0-9_.\n-' '-')
+image-test: stack-up helm-check image-test-run
+
+image-test-run:
+	@deploy/image.sh --profile $(IMAGE_TEST_PROFILE) --image $(IMAGE_TEST_NAME)
+	TRIAGE_IMAGE=$(IMAGE_TEST_NAME) $(CARGO) test --workspace --test image -- --ignored --nocapture
 
 demo: stack-up
 	@deploy/demo.sh

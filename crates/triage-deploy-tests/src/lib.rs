@@ -1,10 +1,14 @@
 //! Test support for the deployment artefacts: renders the Helm chart with the real `helm`
-//! binary and loads each rendered `config.toml` the way the services do.
+//! binary, loads each rendered `config.toml` the way the services do, reads the Dockerfile, and
+//! runs the chart's containers with podman.
 //!
 //! # Layout
 //! - [`render`]: `helm template` of `helm/ticket-triage` into parsed manifests ([`Rendered`]).
 //! - [`Rendered`]: look-ups by kind and name, a pod's environment with Secret references resolved.
 //! - [`load_config`]: a config file plus environment through `triage_runtime::config::load`.
+//! - [`compose_file`]: deploy/docker-compose.yml with its merge keys applied.
+//! - [`dockerfile`]: the Dockerfile's stages, ports, user and entrypoints.
+//! - [`podman`]: a rendered Deployment's container run by podman as a kubelet would run it.
 //!
 //! `helm` is the one deploy/helm-check.sh installs into `.local/bin`; without it the tests fail
 //! and say how to get it, rather than skip.
@@ -18,6 +22,9 @@ use std::{
 use serde::Deserialize;
 use serde_json::Value;
 use triage_runtime::config::{ConfigError, Validate};
+
+pub mod dockerfile;
+pub mod podman;
 
 /// The Kubernetes version the chart is rendered for (the one deploy/helm-check.sh validates).
 pub const KUBE_VERSION: &str = "1.33.0";
@@ -69,6 +76,15 @@ pub struct Rendered {
 /// The values files under `helm/ticket-triage/ci/` a test renders with, e.g. `["direct-values.yaml"]`,
 /// plus `--set` pairs. The release is called `triage` in namespace `triage`.
 pub fn render(values_files: &[&str], set: &[&str]) -> Result<Rendered, String> {
+    let paths: Vec<PathBuf> = values_files
+        .iter()
+        .map(|file| chart_dir().join("ci").join(file))
+        .collect();
+    render_paths(&paths, set)
+}
+
+/// [`render`] with values files anywhere (a test's own, written at run time).
+pub fn render_paths(values_files: &[PathBuf], set: &[&str]) -> Result<Rendered, String> {
     let namespace = "triage";
     let mut command = Command::new(helm_binary());
     command
@@ -78,9 +94,7 @@ pub fn render(values_files: &[&str], set: &[&str]) -> Result<Rendered, String> {
         .args(["--namespace", namespace])
         .args(["--kube-version", KUBE_VERSION]);
     for file in values_files {
-        command
-            .arg("--values")
-            .arg(chart_dir().join("ci").join(file));
+        command.arg("--values").arg(file);
     }
     for pair in set {
         command.args(["--set", pair]);
@@ -186,6 +200,26 @@ fn base64_decode(text: &str) -> String {
         .decode(text)
         .unwrap_or_default();
     String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// deploy/docker-compose.yml with its YAML merge keys (`<<: *image`) applied, in each service
+/// and in each service's environment.
+pub fn compose_file() -> serde_norway::Value {
+    let path = repo_root().join("deploy/docker-compose.yml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut document: serde_norway::Value =
+        serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    document.apply_merge().expect("merge keys");
+    if let Some(services) = document["services"].as_mapping_mut() {
+        for service in services.values_mut() {
+            service.apply_merge().expect("merge keys");
+            if let Some(environment) = service.get_mut("environment") {
+                environment.apply_merge().expect("merge keys");
+            }
+        }
+    }
+    document
 }
 
 /// Loads a service's configuration exactly as the binary does (`--config FILE` and the given
