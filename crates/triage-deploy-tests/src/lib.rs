@@ -132,6 +132,14 @@ impl Rendered {
             .filter(move |m| m["kind"] == kind.as_str())
     }
 
+    /// Every object that runs pods: Deployments and StatefulSets (the dispatcher is one, for its
+    /// stable transactional id).
+    pub fn workloads(&self) -> impl Iterator<Item = &Value> {
+        self.manifests
+            .iter()
+            .filter(|m| m["kind"] == "Deployment" || m["kind"] == "StatefulSet")
+    }
+
     pub fn get(&self, kind: &str, name: &str) -> Option<&Value> {
         self.of_kind(kind).find(|m| m["metadata"]["name"] == name)
     }

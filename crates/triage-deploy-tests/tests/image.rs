@@ -337,6 +337,16 @@ async fn the_image_runs_the_pipeline_as_the_chart_deploys_it() {
         .rsplit_once(':')
         .filter(|(_, tag)| !tag.contains('/'))
         .expect("TRIAGE_IMAGE is repository:tag");
+    let mut autoscaler_env = listen_env(&[
+        (admin_env, admin["lag-autoscaler"]),
+        ("TRIAGE_EXTERNAL_METRICS__LISTEN", metrics),
+    ]);
+    // No API server here to delegate the aggregator's authentication to; make k8s-test covers
+    // that against a real one.
+    autoscaler_env
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "TRIAGE_EXTERNAL_METRICS__AUTHENTICATION__MODE", "value": "none"}));
     let values = json!({
         "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
         "kafka": {"bootstrapServers": stack.kafka_bootstrap, "clientId": format!("image-{}", context.id)},
@@ -380,25 +390,20 @@ async fn the_image_runs_the_pipeline_as_the_chart_deploys_it() {
             "aggregationWindow": "2s",
             "extraEnv": listen_env(&[(admin_env, admin["dlq-alerter"])]),
         },
-        "lagAutoscaler": {
-            "extraEnv": listen_env(&[
-                (admin_env, admin["lag-autoscaler"]),
-                ("TRIAGE_EXTERNAL_METRICS__LISTEN", metrics),
-            ]),
-        },
+        "lagAutoscaler": {"extraEnv": autoscaler_env},
     });
     // JSON is YAML: helm reads it as a values file.
     let values_file = run.dir.join("values.json");
     std::fs::write(&values_file, serde_json::to_string_pretty(&values).unwrap()).unwrap();
     let rendered = render_paths(&[values_file], &[]).unwrap_or_else(|e| panic!("helm: {e}"));
     let pods: Vec<PodContainer> = rendered
-        .of_kind("Deployment")
+        .workloads()
         .map(|deployment| {
             PodContainer::from_deployment(&rendered, deployment, &BTreeMap::new())
                 .unwrap_or_else(|e| panic!("{e}"))
         })
         .collect();
-    assert_eq!(pods.len(), admin.len(), "one container per Deployment");
+    assert_eq!(pods.len(), admin.len(), "one container per workload");
     let name_of = |component: &str| format!("tt-{}-{component}", context.id);
 
     // llm-sim first: the worker calls it. The chart does not deploy it; it runs under the same

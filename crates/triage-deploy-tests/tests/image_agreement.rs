@@ -83,8 +83,11 @@ fn every_deployment_runs_the_image_as_it_was_built() {
     let mut listened: BTreeSet<u16> = BTreeSet::new();
     for values_file in value_sets() {
         let rendered = render_ok(&values_file);
-        let deployments: Vec<&Value> = rendered.of_kind("Deployment").collect();
-        assert!(!deployments.is_empty(), "{values_file}: no Deployments");
+        let deployments: Vec<&Value> = rendered.workloads().collect();
+        assert!(
+            !deployments.is_empty(),
+            "{values_file}: no Deployments or StatefulSets"
+        );
         for deployment in deployments {
             let name = deployment["metadata"]["name"].as_str().unwrap_or_default();
             let at = format!("{values_file}: {name}");
