@@ -143,18 +143,21 @@ impl BatchWriter {
     }
 }
 
-/// One row per (ticket, prompt version): PostgreSQL cannot update a row twice in one statement.
+/// One row per key (tenant, ticket, prompt version): PostgreSQL cannot update a row twice in one statement.
 /// The newest `triaged_at` wins, as in the table; on a tie the first one stays, as in the table.
 /// Every waiter is kept: each result is durable once the batch commits.
 fn newest_per_key(batch: Vec<Pending>) -> (Vec<NewTriage>, Vec<oneshot::Sender<()>>) {
     let mut rows: Vec<NewTriage> = Vec::with_capacity(batch.len());
     let mut waiters = Vec::with_capacity(batch.len());
-    let mut positions: HashMap<(String, String), usize> = HashMap::with_capacity(batch.len());
+    let mut positions: HashMap<(String, String, String), usize> =
+        HashMap::with_capacity(batch.len());
     for pending in batch {
         waiters.push(pending.written_tx);
+        let (tenant_id, ticket_id, prompt_version) = pending.triage.key();
         let key = (
-            pending.triage.ticket_id.clone(),
-            pending.triage.prompt_version.clone(),
+            tenant_id.to_owned(),
+            ticket_id.to_owned(),
+            prompt_version.to_owned(),
         );
         match positions.get(&key) {
             Some(&position) => {
@@ -201,6 +204,18 @@ mod tests {
             },
             written_tx,
         }
+    }
+
+    #[test]
+    fn two_tenants_sharing_a_ticket_id_are_two_rows() {
+        let mut globex = pending("t-1", "v1", 20, "globex's");
+        globex.triage.tenant_id = "globex".into();
+        let (rows, _) = newest_per_key(vec![pending("t-1", "v1", 10, "acme's"), globex]);
+        let tenants: Vec<_> = rows
+            .iter()
+            .map(|r| (r.tenant_id.as_str(), r.category.as_str()))
+            .collect();
+        assert_eq!(tenants, [("acme", "acme's"), ("globex", "globex's")]);
     }
 
     #[test]
