@@ -252,7 +252,8 @@ async fn tasks_of_one_ticket_finish_in_order_while_tickets_run_concurrently() {
     for version in 0..10 {
         let mut same = task(&ticket, "my invoice is wrong");
         same.prompt_version = format!("v{version}");
-        same.idempotency_key = triage_proto::idempotency_key(&ticket, &same.prompt_version, MODEL);
+        same.idempotency_key =
+            triage_proto::idempotency_key(&same.tenant_id, &ticket, &same.prompt_version, MODEL);
         batch.push(same);
         batch.push(task(
             &format!("{}-other{version}", context.id),
@@ -367,5 +368,63 @@ async fn serial_keeps_the_provider_busy_at_its_rate_limit() {
     );
     assert!(rate >= 0.95 * limit, "only {rate:.1}/s of {limit}/s");
     assert_eq!(sim.status_count("429"), 0);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tenants_sharing_a_ticket_id_are_two_calls_and_two_results() {
+    let context = setup("tenants", 3).await;
+    let sim = Sim::with_latency_ms(20).await;
+    let results = consumer(&context.topics.results);
+    let worker = Worker::start(worker_config(&context, &sim));
+    let ticket = format!("{}-shared", context.id);
+    let acme = task(&ticket, "I was charged twice for my invoice");
+    let mut globex = task(&ticket, "The dashboard is down with a 503");
+    globex.tenant_id = "globex".into();
+    // What a real provider answers and bills for a request for gpt-4o-mini.
+    globex.model = "gpt-4o-mini-2024-07-18".into();
+    // A careless producer's key (the one without a tenant) must not matter: the worker derives it.
+    globex.idempotency_key = acme.idempotency_key.clone();
+    publish(&context, &[acme.clone(), globex.clone()]).await;
+
+    let first = read_results(&results, 2).await;
+    assert_eq!(
+        sim.paid_total(),
+        2,
+        "one call per tenant, none served from the other's cache"
+    );
+    let of = |results: &[triage_proto::v1::InferenceResult], tenant: &str| {
+        let mine: Vec<_> = results
+            .iter()
+            .filter(|r| r.tenant_id == tenant)
+            .cloned()
+            .collect();
+        assert_eq!(mine.len(), 1, "{tenant}: {results:?}");
+        mine.into_iter().next().unwrap()
+    };
+    let (acme_result, globex_result) = (of(&first, "acme"), of(&first, "globex"));
+    assert_eq!(acme_result.ticket_id, ticket);
+    assert_eq!(globex_result.ticket_id, ticket);
+    assert_eq!(acme_result.category, "billing");
+    assert_eq!(globex_result.category, "outage");
+    assert_ne!(acme_result.idempotency_key, globex_result.idempotency_key);
+    assert_eq!(globex_result.model, "gpt-4o-mini-2024-07-18");
+    assert!(
+        globex_result.cost_usd > 0.0,
+        "a dated model is priced as its model"
+    );
+
+    // Both again: each tenant is answered from its own cache entry, never the other's.
+    publish(&context, &[globex, acme]).await;
+    let second = read_results(&results, 2).await;
+    assert_eq!(sim.paid_total(), 2, "nothing paid twice");
+    for (repeat, original) in [
+        (of(&second, "acme"), &acme_result),
+        (of(&second, "globex"), &globex_result),
+    ] {
+        assert!(repeat.from_cache);
+        assert_eq!(repeat.category, original.category);
+        assert_eq!(repeat.idempotency_key, original.idempotency_key);
+    }
     worker.stop().await;
 }
