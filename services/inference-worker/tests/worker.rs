@@ -428,3 +428,53 @@ async fn two_tenants_sharing_a_ticket_id_are_two_calls_and_two_results() {
     }
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_over_its_quota_waits_and_is_never_dead_lettered_while_others_flow() {
+    let context = setup("quota", 3).await;
+    let sim = Sim::with_latency_ms(10).await;
+    let results = consumer(&context.topics.results);
+    let dead_letters = consumer(&context.topics.dead_letters);
+    let mut config = worker_config(&context, &sim);
+    // 2 requests per second, a bucket of 2: six tasks need at least two seconds.
+    config.tenants.known.insert(
+        "acme".into(),
+        inference_worker::config::TenantConfig {
+            requests_per_minute: 120,
+            ..Default::default()
+        },
+    );
+    let worker = Worker::start(config);
+    let mut batch = tasks(&context, 6);
+    for index in 0..6 {
+        let mut other = task(&format!("{}-g{index}", context.id), "The dashboard is down");
+        other.tenant_id = "globex".into();
+        batch.push(other);
+    }
+    let started = std::time::Instant::now();
+    publish(&context, &batch).await;
+
+    let arrived = read_results(&results, 12).await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1800),
+        "acme's quota paced its calls: {elapsed:?}"
+    );
+    let last_globex = arrived
+        .iter()
+        .rposition(|r| r.tenant_id == "globex")
+        .unwrap();
+    let last_acme = arrived.iter().rposition(|r| r.tenant_id == "acme").unwrap();
+    assert!(
+        last_globex < last_acme,
+        "globex has no quota and is not held behind acme's"
+    );
+    assert_eq!(sim.paid_total(), 12);
+    assert!(
+        read_for(&dead_letters, Duration::from_millis(500))
+            .await
+            .is_empty(),
+        "over quota is a wait, never a dead letter"
+    );
+    worker.stop().await;
+}
