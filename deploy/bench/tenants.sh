@@ -12,4 +12,4 @@ BENCH=("$TARGET_DIR/release/examples/tenants" --bin-dir "$TARGET_DIR/release")
 echo "# one tenant scales out: 2 s latency, no effective provider limit, ${TASKS:-1500} tickets of one tenant"
 "${BENCH[@]}" scale-out --tasks "${TASKS:-1500}" --latency-ms 2000 --window 64 --workers 1,2,4
 echo "# fairness: tenant A's backlog of ${BACKLOG:-20000} tasks, then tenant B's 20 tickets; 6,000 RPM, 500 ms"
-"${BENCH[@]}" fairness --backlog "${BACKLOG:-20000}" --small 20 --rpm 6000 --latency-ms 500
+"${BENCH[@]}" fairness --backlog "${BACKLOG:-20000}" --small 20 --spacing-ms 250 --rpm 6000 --latency-ms 500
