@@ -210,14 +210,27 @@ impl v1::Taxonomy {
     }
 }
 
-/// The key that makes sure nobody pays twice for the same inference: the same ticket, prompt
-/// version and model always give the same key, whichever replica or replay computes it. Fields
-/// are separated by a byte that cannot occur in any of them (ASCII unit separator) so that
+/// The key that makes sure nobody pays twice for the same inference, and the one rule for every
+/// identity derived from it (the worker's result cache and in-flight lease, the `Idempotency-Key`
+/// sent to the provider): the same tenant, ticket, prompt version and model always give the same
+/// key, whichever replica or replay computes it.
+///
+/// The tenant is part of it because ticket ids are the helpdesk's own: two tenants may both have a
+/// ticket `42`, and one tenant's paid answer must never be served to the other. Fields are
+/// separated by a byte that cannot occur in any of them (ASCII unit separator) so that
 /// `("a", "bc")` and `("ab", "c")` differ.
-pub fn idempotency_key(ticket_id: &str, prompt_version: &str, model: &str) -> String {
+pub fn idempotency_key(
+    tenant_id: &str,
+    ticket_id: &str,
+    prompt_version: &str,
+    model: &str,
+) -> String {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
-    for (index, part) in [ticket_id, prompt_version, model].into_iter().enumerate() {
+    for (index, part) in [tenant_id, ticket_id, prompt_version, model]
+        .into_iter()
+        .enumerate()
+    {
         if index > 0 {
             hasher.update([0x1f]);
         }
@@ -327,6 +340,17 @@ pub fn to_system_time(timestamp: &wkt::Timestamp) -> Option<std::time::SystemTim
         std::time::UNIX_EPOCH.checked_sub(since_epoch(timestamp.seconds))
     }?;
     whole.checked_add(std::time::Duration::from_nanos(u64::from(nanos)))
+}
+
+/// The key under which one ticket's records are ordered by a consumer (the worker handles tasks
+/// with the same key one after the other): tenant and ticket, since ticket ids repeat across
+/// tenants. Length-prefixed so that no two (tenant, ticket) pairs share a key.
+pub fn ticket_ordering_key(tenant_id: &str, ticket_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(8 + tenant_id.len() + ticket_id.len());
+    key.extend_from_slice(&(tenant_id.len() as u64).to_be_bytes());
+    key.extend_from_slice(tenant_id.as_bytes());
+    key.extend_from_slice(ticket_id.as_bytes());
+    key
 }
 
 /// Converts a `SystemTime` into a protobuf timestamp.
@@ -492,14 +516,48 @@ mod tests {
 
     #[test]
     fn idempotency_key_depends_on_every_part_and_its_boundaries() {
-        let key = idempotency_key("t-1", "triage-v1", "gpt-4o-mini");
+        let key = idempotency_key("acme", "t-1", "triage-v1", "gpt-4o-mini");
         assert_eq!(key.len(), 64);
-        assert_eq!(key, idempotency_key("t-1", "triage-v1", "gpt-4o-mini"));
-        assert_ne!(key, idempotency_key("t-1", "triage-v2", "gpt-4o-mini"));
-        assert_ne!(key, idempotency_key("t-1", "triage-v1", "gpt-4o"));
+        assert_eq!(
+            key,
+            idempotency_key("acme", "t-1", "triage-v1", "gpt-4o-mini")
+        );
         assert_ne!(
-            idempotency_key("a", "bc", "m"),
-            idempotency_key("ab", "c", "m")
+            key,
+            idempotency_key("globex", "t-1", "triage-v1", "gpt-4o-mini")
+        );
+        assert_ne!(
+            key,
+            idempotency_key("acme", "t-2", "triage-v1", "gpt-4o-mini")
+        );
+        assert_ne!(
+            key,
+            idempotency_key("acme", "t-1", "triage-v2", "gpt-4o-mini")
+        );
+        assert_ne!(key, idempotency_key("acme", "t-1", "triage-v1", "gpt-4o"));
+        assert_ne!(
+            idempotency_key("t", "a", "bc", "m"),
+            idempotency_key("t", "ab", "c", "m")
+        );
+        assert_ne!(
+            idempotency_key("ac", "me1", "v", "m"),
+            idempotency_key("acme", "1", "v", "m")
+        );
+    }
+
+    #[test]
+    fn ordering_key_separates_tenants_sharing_a_ticket_id() {
+        assert_eq!(
+            ticket_ordering_key("acme", "t-1"),
+            ticket_ordering_key("acme", "t-1")
+        );
+        assert_ne!(
+            ticket_ordering_key("acme", "t-1"),
+            ticket_ordering_key("globex", "t-1")
+        );
+        assert_ne!(
+            ticket_ordering_key("ab", "c"),
+            ticket_ordering_key("a", "bc")
         );
     }
 

@@ -211,7 +211,7 @@ impl Validate for KafkaConfig {
 pub struct TopicsConfig {
     /// New tickets, keyed by ticket id.
     pub tickets_created: String,
-    /// Rendered LLM calls, keyed by tenant id.
+    /// Rendered LLM calls, keyed by ticket id.
     pub inference_tasks: String,
     /// Completed triages, keyed by ticket id.
     pub results: String,

@@ -164,6 +164,23 @@ pub fn republish(dead_letter: &DeadLetter, settings: &AlertSettings) -> Result<R
             }
         ));
     }
+    // The envelope's tenant is what `--tenant` filtered on; a task inside that names another
+    // tenant is not replayed under the first one's filter.
+    if let Some(task) = &task
+        && !dead_letter.tenant_id.is_empty()
+        && task.tenant_id != dead_letter.tenant_id
+    {
+        return Err(format!(
+            "not replayable: the dead letter names tenant {:?} but its task names {:?}",
+            dead_letter.tenant_id, task.tenant_id
+        ));
+    }
+    // Tasks are keyed by ticket, so the replay lands in its ticket's partition whatever key the
+    // original had (dead letters of older dispatchers were keyed by tenant).
+    let key = match &task {
+        Some(task) => task.ticket_id.clone().into_bytes(),
+        None => dead_letter.original_key.clone(),
+    };
     let (value, replay_count) = match task {
         Some(mut task) => {
             task.replay_count = task.replay_count.saturating_add(1);
@@ -199,7 +216,7 @@ pub fn republish(dead_letter: &DeadLetter, settings: &AlertSettings) -> Result<R
         value: Some(dead_letter.id.as_bytes()),
     });
     Ok(Republish {
-        key: dead_letter.original_key.clone(),
+        key,
         value,
         headers: record_headers,
         replay_count,
@@ -468,7 +485,10 @@ mod tests {
                 triage_proto::decode(&plan.value, Some(content_type.as_mime())).unwrap();
             assert_eq!(replayed.replay_count, 3);
             assert_eq!(replayed.ticket_id, "t-1");
-            assert_eq!(plan.key, b"acme");
+            assert_eq!(
+                plan.key, b"t-1",
+                "re-keyed by ticket, not by the old tenant key"
+            );
             let replay_of: Vec<_> = plan
                 .headers
                 .iter()
@@ -477,6 +497,24 @@ mod tests {
                 .collect();
             assert_eq!(replay_of, vec![b"dl-1".to_vec()]);
         }
+    }
+
+    #[test]
+    fn a_task_of_another_tenant_than_its_envelope_is_not_replayed() {
+        let task = InferenceTask {
+            ticket_id: "t-1".into(),
+            tenant_id: "globex".into(),
+            ..Default::default()
+        };
+        let dead_letter = DeadLetter {
+            id: "dl-4".into(),
+            tenant_id: "acme".into(),
+            original_value: triage_proto::encode(&task, ContentType::Protobuf),
+            source_topic: "tasks.llm.inference".into(),
+            ..Default::default()
+        };
+        let reason = republish(&dead_letter, &settings()).unwrap_err();
+        assert!(reason.contains("globex"), "{reason}");
     }
 
     #[test]

@@ -187,7 +187,7 @@ async fn replay_lists_then_re_publishes_exactly_the_filtered_tasks() {
         .collect();
     for dead_letter in &fixture.replayable {
         let record = by_id[&dead_letter.id];
-        assert_eq!(record.key().unwrap(), dead_letter.original_key.as_slice());
+        assert_eq!(record.key().unwrap(), dead_letter.ticket_id.as_bytes());
         // Byte for byte the original task, with one more replay, in its own content type.
         let content_type =
             ContentType::from_mime(triage_test_support::header(record, "content-type").unwrap())

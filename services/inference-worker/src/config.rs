@@ -16,7 +16,9 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// The pipeline's topic names.
     pub topics: TopicsConfig,
-    /// Group, in-flight window (default 64) and commit cadence.
+    /// Group, commit cadence and how many tasks are held at once (`max_in_flight`, default
+    /// 16,384; a task is a few KiB): tasks are read past a big tenant's backlog so that another tenant's ticket is
+    /// seen, and wait in the worker for a call slot (`tenants.call_window`).
     pub consumer: ConsumerConfig,
     /// The OpenAI-compatible endpoint.
     pub llm: LlmConfig,
@@ -26,9 +28,13 @@ pub struct Config {
     pub retry: RetryConfig,
     /// When the provider keeps failing, stop calling it for a while.
     pub circuit: CircuitConfig,
+    /// Fairness between tenants: the call window, its per-tenant shares, weights and quotas.
+    pub tenants: TenantsConfig,
     /// Redis: the result cache and in-flight leases that make sure nobody pays twice.
     pub cache: CacheConfig,
-    /// USD per million tokens, by model, for the `cost_usd` of each result.
+    /// USD per million tokens, by model, for the `cost_usd` of each result. Providers answer with
+    /// dated snapshot names (`gpt-4o-mini-2024-07-18` for `gpt-4o-mini`); see
+    /// [`Config::price_of`] for how a name finds its price.
     pub pricing: BTreeMap<String, ModelPrice>,
     /// Logs and traces.
     pub telemetry: TelemetryConfig,
@@ -41,11 +47,15 @@ impl Default for Config {
         Config {
             kafka: KafkaConfig::default(),
             topics: TopicsConfig::default(),
-            consumer: ConsumerConfig::for_group("inference-worker"),
+            consumer: ConsumerConfig {
+                max_in_flight: 16_384,
+                ..ConsumerConfig::for_group("inference-worker")
+            },
             llm: LlmConfig::default(),
             rate_limit: RateLimitConfig::default(),
             retry: RetryConfig::default(),
             circuit: CircuitConfig::default(),
+            tenants: TenantsConfig::default(),
             cache: CacheConfig::default(),
             pricing: [
                 (
@@ -157,6 +167,69 @@ impl Default for RateLimitConfig {
     }
 }
 
+/// How the worker shares its call window and the provider's rate limit between tenants; see
+/// [`crate::fairness`] for the policy.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantsConfig {
+    /// Tasks past admission at once (cache read, lease, rate-limit wait, LLM call), over all
+    /// tenants: the worker's call window. One tenant alone may use all of it.
+    pub call_window: usize,
+    /// Extra slots above `call_window`, taken only by a tenant using less than its weighted share
+    /// of the window while the window is full, so that a small tenant's ticket starts at once
+    /// instead of waiting for a big tenant's call to finish.
+    pub reserved_calls: usize,
+    /// Share of the shared rate-limit bucket that a tenant using more than its weighted share of
+    /// the limit may not take: kept for tenants within their share, so that their calls start at
+    /// once even while a big tenant keeps the provider at its limit. 0 disables it.
+    pub budget_reserve: f64,
+    /// Weight of a tenant not listed in `known`.
+    pub default_weight: u32,
+    /// Tenants by id: weight, and optional quotas.
+    pub known: BTreeMap<String, TenantConfig>,
+    /// An API key file (`tenant:sha256hex` lines, the one the ingress uses): its tenants are
+    /// known too, with `default_weight` unless listed in `known`. Known tenants get their own
+    /// metric labels; every other tenant is counted as `other`, so that a producer cannot create
+    /// unbounded series.
+    pub keys_file: Option<PathBuf>,
+}
+
+impl Default for TenantsConfig {
+    fn default() -> Self {
+        TenantsConfig {
+            call_window: 64,
+            reserved_calls: 8,
+            budget_reserve: 0.1,
+            default_weight: 1,
+            known: BTreeMap::new(),
+            keys_file: None,
+        }
+    }
+}
+
+/// One known tenant.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantConfig {
+    /// Relative share of the call window and of the rate limit while tenants compete.
+    pub weight: u32,
+    /// The tenant's own limit, shared by every replica through Redis; 0: none. Over it, the
+    /// tenant's tasks wait (never dead-lettered) and `triage_tenant_quota_waits` counts it.
+    pub requests_per_minute: u32,
+    /// The tenant's own tokens per minute; 0: none.
+    pub tokens_per_minute: u32,
+}
+
+impl Default for TenantConfig {
+    fn default() -> Self {
+        TenantConfig {
+            weight: 1,
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
@@ -252,6 +325,29 @@ pub struct ModelPrice {
     pub output: f64,
 }
 
+impl Config {
+    /// The price of a call that asked for `requested` and was answered by `answered`: the
+    /// answering model's own entry (a dated snapshot priced on purpose), else the requested
+    /// model's, else the longest configured name that `answered` (then `requested`) starts with,
+    /// so `gpt-4o-mini-2024-07-18` is priced as `gpt-4o-mini`, not as `gpt-4o`. `None`: unknown
+    /// model, cost 0.
+    pub fn price_of(&self, requested: &str, answered: &str) -> Option<ModelPrice> {
+        let longest_prefix = |name: &str| {
+            self.pricing
+                .iter()
+                .filter(|(model, _)| name.starts_with(model.as_str()))
+                .max_by_key(|(model, _)| model.len())
+                .map(|(_, price)| *price)
+        };
+        self.pricing
+            .get(answered)
+            .or_else(|| self.pricing.get(requested))
+            .copied()
+            .or_else(|| longest_prefix(answered))
+            .or_else(|| longest_prefix(requested))
+    }
+}
+
 impl Validate for Config {
     fn validate(&self, problems: &mut Vec<String>) {
         self.kafka.validate(problems);
@@ -275,6 +371,30 @@ impl Validate for Config {
         if self.cache.lease_ttl < Duration::from_secs(1) {
             problems.push("cache.lease_ttl must be at least 1s".into());
         }
+        if self.tenants.call_window == 0 {
+            problems.push("tenants.call_window must be at least 1".into());
+        }
+        if !(0.0..0.9).contains(&self.tenants.budget_reserve) {
+            problems.push("tenants.budget_reserve must be at least 0 and below 0.9".into());
+        }
+        if self.tenants.default_weight == 0 {
+            problems.push("tenants.default_weight must be at least 1".into());
+        }
+        for (tenant, known) in &self.tenants.known {
+            if known.weight == 0 {
+                problems.push(format!("tenants.known.{tenant}.weight must be at least 1"));
+            }
+            if tenant == crate::fairness::OTHER {
+                problems.push(format!(
+                    "tenants.known: {tenant:?} is the label of unlisted tenants, not a tenant id"
+                ));
+            }
+        }
+        if let Some(path) = &self.tenants.keys_file
+            && let Err(error) = triage_runtime::auth::read_keys_file(path)
+        {
+            problems.push(format!("tenants.keys_file: {error}"));
+        }
         if self.circuit.failure_threshold == 0 {
             problems.push("circuit.failure_threshold must be at least 1".into());
         }
@@ -292,5 +412,24 @@ impl Validate for Config {
 impl ServiceConfig for Config {
     fn telemetry(&self) -> &TelemetryConfig {
         &self.telemetry
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dated_model_names_are_priced_as_their_model() {
+        let config = Config::default();
+        let price = |requested, answered| config.price_of(requested, answered).map(|p| p.input);
+        // What OpenAI answers for a request for gpt-4o-mini.
+        assert_eq!(price("gpt-4o-mini", "gpt-4o-mini-2024-07-18"), Some(0.15));
+        // An Azure deployment name that says nothing: the answer's name decides, by the longest
+        // prefix (gpt-4o-mini, not gpt-4o).
+        assert_eq!(price("my-deployment", "gpt-4o-mini-2024-07-18"), Some(0.15));
+        assert_eq!(price("my-deployment", "gpt-4o-2024-08-06"), Some(2.50));
+        assert_eq!(price("gpt-4.1-mini", "llm-sim-1"), Some(0.40));
+        assert_eq!(price("unknown", "llm-sim-1"), None);
     }
 }

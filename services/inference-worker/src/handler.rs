@@ -42,6 +42,7 @@ use crate::{
     SERVICE,
     circuit::{Admission, CircuitBreaker, CircuitState},
     config::{Config, RedisUnavailable},
+    fairness::{Entry, Fairness, Standing},
     llm::{ChatRequest, Completion, FailureAction, LlmClient},
     metrics::{CallLabels, ClassLabels, ReasonLabels, TokenLabels, UsageLabels, WorkerMetrics},
     redis_store::{self, BudgetRequest, RedisStore, StoreError},
@@ -77,6 +78,8 @@ pub struct WorkerHandler {
     pub budget_queue: tokio::sync::Mutex<()>,
     /// Set while the shared budget is exhausted: tasks then queue instead of each asking Redis.
     pub budget_short: std::sync::atomic::AtomicBool,
+    /// The call window shared between tenants.
+    pub fairness: Fairness,
 }
 
 /// How a task ended before producing.
@@ -103,10 +106,14 @@ impl RecordHandler for WorkerHandler {
             content_type.as_deref(),
         );
         match decoded {
-            Ok(task) if task.ticket_id.is_empty() || task.messages.is_empty() => {
+            Ok(task)
+                if task.ticket_id.is_empty()
+                    || task.tenant_id.is_empty()
+                    || task.messages.is_empty() =>
+            {
                 Item::Undecodable {
                     record,
-                    error: "task has no ticket_id or no messages".into(),
+                    error: "task has no ticket_id, no tenant_id or no messages".into(),
                     class: ErrorClass::InvalidEvent,
                 }
             }
@@ -139,7 +146,12 @@ impl RecordHandler for WorkerHandler {
 
     fn ordering_key(&self, item: &Item) -> Option<Vec<u8>> {
         match item {
-            Item::Task { task, .. } => Some(task.ticket_id.as_bytes().to_vec()),
+            // Ticket ids are the helpdesk's: two tenants' tickets `42` are unrelated and may run
+            // at once.
+            Item::Task { task, .. } => Some(triage_proto::ticket_ordering_key(
+                &task.tenant_id,
+                &task.ticket_id,
+            )),
             Item::Undecodable { .. } => None,
         }
     }
@@ -180,19 +192,41 @@ impl RecordHandler for WorkerHandler {
 impl WorkerHandler {
     async fn process(&self, record: OwnedMessage, mut task: InferenceTask) -> Disposition {
         let model = self.client.model_for(&task.model).to_owned();
-        if task.idempotency_key.is_empty() {
-            task.idempotency_key =
-                triage_proto::idempotency_key(&task.ticket_id, &task.prompt_version, &model);
-        }
+        // Always derived here, never taken from the record: a key computed without the tenant
+        // (an older dispatcher) or by a careless producer must not reach another tenant's cache.
+        task.idempotency_key = triage_proto::idempotency_key(
+            &task.tenant_id,
+            &task.ticket_id,
+            &task.prompt_version,
+            &model,
+        );
         let key = task.idempotency_key.clone();
         let trace = tracing::Span::current().context();
-
-        // 2 and 3. A paid answer already exists: reuse it. Else take the lease, or wait for
-        // whoever holds it.
         // Providers count `max_tokens` against the token budget before the answer exists.
         let estimated_tokens =
             estimate_tokens(&task.messages) + u64::from(self.config.llm.max_tokens);
-        let (claim, prepaid) = match self.claim_or_wait(&key, &model, estimated_tokens).await {
+
+        // 1. The tenant's own quota, then a call slot by the tenants' shares (crate::fairness).
+        let mut entry = self.fairness.enter(&task.tenant_id);
+        if self
+            .wait_for_quota(&entry, &task.tenant_id, estimated_tokens)
+            .await
+            .is_err()
+        {
+            return Disposition::Abandon;
+        }
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            () = entry.admit() => {}
+            () = shutdown.wait() => return Disposition::Abandon,
+        }
+
+        // 2 and 3. A paid answer already exists: reuse it. Else take the lease, or wait for
+        // whoever holds it.
+        let (claim, prepaid) = match self
+            .claim_or_wait(&task, &entry, &key, &model, estimated_tokens)
+            .await
+        {
             ClaimOutcome::Cached(result) => {
                 self.metrics.cache_hits.inc();
                 tracing::debug!(key = %key, "result cache hit");
@@ -215,7 +249,7 @@ impl WorkerHandler {
         // 4. Call, keeping the lease alive meanwhile.
         let lease = leased.then(|| self.hold_lease(&key));
         let outcome = self
-            .call_with_retries(&task, &model, estimated_tokens, protected, prepaid)
+            .call_with_retries(&task, &entry, &model, estimated_tokens, protected, prepaid)
             .await;
 
         match outcome {
@@ -254,12 +288,23 @@ impl WorkerHandler {
         }
     }
 
-    fn decode_cached(key: &str, bytes: &[u8]) -> Option<InferenceResult> {
+    /// A cached result usable for `task`: it decodes and is the same tenant's same ticket. The
+    /// key already includes both; checking again costs nothing and keeps a cache written by an
+    /// older worker (whose keys lacked the tenant) from answering another tenant.
+    fn decode_cached(task: &InferenceTask, key: &str, bytes: &[u8]) -> Option<InferenceResult> {
         match triage_proto::decode::<InferenceResult>(
             bytes,
             Some(triage_proto::ContentType::PROTOBUF_MIME),
         ) {
-            Ok(result) => Some(result),
+            Ok(result)
+                if result.tenant_id == task.tenant_id && result.ticket_id == task.ticket_id =>
+            {
+                Some(result)
+            }
+            Ok(_) => {
+                tracing::warn!(key, "ignoring a cached result of another tenant or ticket");
+                None
+            }
             Err(error) => {
                 tracing::warn!(key, error = %error, "ignoring an undecodable cached result");
                 None
@@ -296,12 +341,21 @@ impl WorkerHandler {
     /// One round trip in the common case (no cached result, nobody else calling, budget to
     /// spare): the cache read, the lease and the call's budget are a single Redis script. While
     /// the budget is short, tasks take it in turn in [`Self::take_budget`] instead.
-    async fn claim_or_wait(&self, key: &str, model: &str, estimated_tokens: u64) -> ClaimOutcome {
+    async fn claim_or_wait(
+        &self,
+        task: &InferenceTask,
+        entry: &Entry<'_>,
+        key: &str,
+        model: &str,
+        estimated_tokens: u64,
+    ) -> ClaimOutcome {
         let lease_ttl = self.config.cache.lease_ttl;
         let mut waited = false;
         loop {
-            let budget = (!self.budget_short.load(Ordering::Relaxed))
-                .then(|| (model, self.budget_request(estimated_tokens)));
+            let standing = entry.standing();
+            let budget = (!self.budget_short.load(Ordering::Relaxed)
+                || standing == Standing::Under)
+                .then(|| (model, self.budget_request(estimated_tokens, standing)));
             let claim = match self
                 .with_redis(|| self.store.claim(key, &self.worker_id, lease_ttl, budget))
                 .await
@@ -317,7 +371,7 @@ impl WorkerHandler {
             };
             match claim {
                 redis_store::Claim::Cached(bytes) => {
-                    return match Self::decode_cached(key, &bytes) {
+                    return match Self::decode_cached(task, key, &bytes) {
                         Some(result) if waited => ClaimOutcome::ResultAppeared(Box::new(result)),
                         Some(result) => ClaimOutcome::Cached(Box::new(result)),
                         // Overwritten by this task's answer.
@@ -376,6 +430,7 @@ impl WorkerHandler {
     async fn call_with_retries(
         &self,
         task: &InferenceTask,
+        entry: &Entry<'_>,
         model: &str,
         estimated_tokens: u64,
         protected: bool,
@@ -410,7 +465,7 @@ impl WorkerHandler {
                 continue;
             }
             if protected && !std::mem::take(&mut prepaid) {
-                match self.take_budget(model, estimated_tokens).await {
+                match self.take_budget(entry, model, estimated_tokens).await {
                     Ok(()) => {}
                     Err(Interrupted) => {
                         self.circuit.release_probe();
@@ -599,17 +654,64 @@ impl WorkerHandler {
         })
     }
 
-    /// One call's share of the configured limits.
-    fn budget_request(&self, tokens: u64) -> BudgetRequest {
+    /// One call's share of the configured limits; a tenant over its share of the calls in flight
+    /// leaves the reserve to the others (see [`crate::fairness`]).
+    fn budget_request(&self, tokens: u64, standing: Standing) -> BudgetRequest {
         let limits = &self.config.rate_limit;
-        let per_ms = |per_minute: u32| f64::from(per_minute) * limits.target_utilisation / 60_000.0;
-        let burst_ms = limits.burst.as_secs_f64() * 1000.0;
-        BudgetRequest {
-            requests_per_ms: per_ms(limits.requests_per_minute),
-            request_capacity: (per_ms(limits.requests_per_minute) * burst_ms).max(1.0),
-            tokens_per_ms: per_ms(limits.tokens_per_minute),
-            token_capacity: (per_ms(limits.tokens_per_minute) * burst_ms).max(tokens as f64),
+        let reserve = match standing {
+            Standing::Over => self.config.tenants.budget_reserve,
+            Standing::Even | Standing::Under => 0.0,
+        };
+        BudgetRequest::per_minute(
+            f64::from(limits.requests_per_minute) * limits.target_utilisation,
+            f64::from(limits.tokens_per_minute) * limits.target_utilisation,
+            limits.burst,
             tokens,
+            reserve,
+        )
+    }
+
+    /// Waits until the tenant's own quota (if it has one) allows this call. One task per tenant
+    /// asks Redis at a time; the others wait their turn in the process. Over quota is never a
+    /// failure: the task waits, however long.
+    async fn wait_for_quota(
+        &self,
+        entry: &Entry<'_>,
+        tenant: &str,
+        tokens: u64,
+    ) -> Result<(), Interrupted> {
+        let Some((requests_per_minute, tokens_per_minute)) = self.fairness.quota(tenant) else {
+            return Ok(());
+        };
+        let request = BudgetRequest::per_minute(
+            f64::from(requests_per_minute),
+            f64::from(tokens_per_minute),
+            self.config.rate_limit.burst,
+            tokens,
+            0.0,
+        );
+        let turn = entry.quota_turn();
+        let mut shutdown = self.shutdown.clone();
+        let _turn = tokio::select! {
+            guard = turn.lock() => guard,
+            () = shutdown.wait() => return Err(Interrupted),
+        };
+        loop {
+            let wait = match self
+                .with_redis(|| self.store.take_quota(tenant, request))
+                .await?
+            {
+                Some(Some(wait)) => wait,
+                // Taken, or Redis is down and the policy is to proceed.
+                Some(None) | None => return Ok(()),
+            };
+            self.metrics
+                .tenant_quota_waits
+                .get_or_create(entry.labels())
+                .inc();
+            if !self.sleep(wait).await {
+                return Err(Interrupted);
+            }
         }
     }
 
@@ -617,14 +719,26 @@ impl WorkerHandler {
     /// plentiful every task takes its share at once; once it runs short, tasks of this process
     /// queue here in arrival order, so only one of them at a time asks Redis: the budget is
     /// shared across replicas without every waiting task polling Redis.
-    async fn take_budget(&self, model: &str, tokens: u64) -> Result<(), Interrupted> {
-        let mut turn = if self.budget_short.load(Ordering::Relaxed) {
-            Some(self.budget_queue.lock().await)
-        } else {
-            None
-        };
-        let request = self.budget_request(tokens);
+    ///
+    /// A tenant below its share while another is over it (see [`crate::fairness`]) skips the
+    /// queue: the queue holds the big tenant's calls, and the small one takes from the reserve
+    /// they leave.
+    async fn take_budget(
+        &self,
+        entry: &Entry<'_>,
+        model: &str,
+        tokens: u64,
+    ) -> Result<(), Interrupted> {
+        let mut turn = None;
         loop {
+            let standing = entry.standing();
+            if turn.is_none()
+                && standing != Standing::Under
+                && self.budget_short.load(Ordering::Relaxed)
+            {
+                turn = Some(self.budget_queue.lock().await);
+            }
+            let request = self.budget_request(tokens, standing);
             let wait = match self
                 .with_redis(|| self.store.take_budget(model, request))
                 .await?
@@ -637,9 +751,6 @@ impl WorkerHandler {
                 }
             };
             self.budget_short.store(true, Ordering::Relaxed);
-            if turn.is_none() {
-                turn = Some(self.budget_queue.lock().await);
-            }
             // Short waits are the steady state at the limit, and the in-flight window already
             // holds fetching back; only a long block (a shared 429) stops fetching.
             if wait >= LONG_WAIT {
@@ -693,7 +804,7 @@ impl WorkerHandler {
             self.metrics
                 .tokens
                 .get_or_create(&TokenLabels {
-                    tenant: task.tenant_id.clone(),
+                    tenant: self.fairness.label(&task.tenant_id).tenant,
                     model: completion.model.clone(),
                     kind,
                 })
@@ -702,16 +813,15 @@ impl WorkerHandler {
         self.metrics
             .cost_usd
             .get_or_create(&UsageLabels {
-                tenant: task.tenant_id.clone(),
+                tenant: self.fairness.label(&task.tenant_id).tenant,
                 model: completion.model.clone(),
             })
-            .inc_by(self.cost(completion));
+            .inc_by(self.cost(bucket, completion));
     }
 
-    fn cost(&self, completion: &Completion) -> f64 {
+    fn cost(&self, requested_model: &str, completion: &Completion) -> f64 {
         self.config
-            .pricing
-            .get(&completion.model)
+            .price_of(requested_model, &completion.model)
             .map(|price| {
                 (f64::from(completion.prompt_tokens) * price.input
                     + f64::from(completion.completion_tokens) * price.output)
@@ -743,7 +853,7 @@ impl WorkerHandler {
                 completion_tokens: completion.completion_tokens,
                 total_tokens: completion.prompt_tokens + completion.completion_tokens,
             }),
-            cost_usd: self.cost(completion),
+            cost_usd: self.cost(self.client.model_for(&task.model), completion),
             llm_latency_ms: llm_latency.as_millis() as u32,
             attempts,
             idempotency_key: task.idempotency_key.clone(),

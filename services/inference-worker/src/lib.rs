@@ -29,6 +29,7 @@
 
 pub mod circuit;
 pub mod config;
+pub mod fairness;
 pub mod handler;
 pub mod llm;
 pub mod metrics;
@@ -52,8 +53,8 @@ use triage_runtime::{
 pub use config::Config;
 
 use crate::{
-    circuit::CircuitBreaker, handler::WorkerHandler, llm::LlmClient, metrics::WorkerMetrics,
-    redis_store::RedisStore,
+    circuit::CircuitBreaker, fairness::Fairness, handler::WorkerHandler, llm::LlmClient,
+    metrics::WorkerMetrics, redis_store::RedisStore,
 };
 
 pub const SERVICE: &str = "inference-worker";
@@ -90,6 +91,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()),
         uuid::Uuid::new_v4().simple()
     );
+    let fairness = Fairness::new(&config.tenants, worker_metrics.clone())
+        .context("failed to read tenants.keys_file")?;
     let handler = Arc::new(WorkerHandler {
         client,
         store,
@@ -101,11 +104,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         worker_id,
         budget_queue: tokio::sync::Mutex::new(()),
         budget_short: std::sync::atomic::AtomicBool::new(false),
+        fairness,
         config: config.clone(),
     });
     tracing::info!(
         base_url = %config.llm.base_url,
         max_in_flight = config.consumer.max_in_flight,
+        call_window = config.tenants.call_window,
         requests_per_minute = config.rate_limit.requests_per_minute,
         "started"
     );

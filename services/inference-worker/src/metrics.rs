@@ -25,6 +25,12 @@ pub struct TokenLabels {
     pub kind: &'static str,
 }
 
+/// One tenant, as a bounded label: a known tenant's id or `other` (see [`crate::fairness`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    pub tenant: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
@@ -61,6 +67,12 @@ pub struct WorkerMetrics {
     pub rate_limit_waits: Family<ReasonLabels, Counter>,
     pub rate_limit_wait_seconds: Family<ReasonLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     pub circuit_state: Gauge,
+    /// Tasks of a tenant waiting for a call slot or for the tenant's quota.
+    pub tenant_waiting: Family<TenantLabels, Gauge>,
+    /// Tasks of a tenant holding a call slot.
+    pub tenant_in_flight: Family<TenantLabels, Gauge>,
+    /// Times a tenant's task waited because the tenant was over its own quota.
+    pub tenant_quota_waits: Family<TenantLabels, Counter>,
     pub cache_hits: Counter,
     pub duplicates_avoided: Counter,
     pub dead_letters: Family<ClassLabels, Counter>,
@@ -81,6 +93,9 @@ impl WorkerMetrics {
             rate_limit_waits: Family::default(),
             rate_limit_wait_seconds: Family::default(),
             circuit_state: Gauge::default(),
+            tenant_waiting: Family::default(),
+            tenant_in_flight: Family::default(),
+            tenant_quota_waits: Family::default(),
             cache_hits: Counter::default(),
             duplicates_avoided: Counter::default(),
             dead_letters: Family::default(),
@@ -119,6 +134,21 @@ impl WorkerMetrics {
             "rate_limit_wait_seconds",
             "Time spent waiting for rate-limit budget",
             metrics.rate_limit_wait_seconds.clone(),
+        );
+        registry.register(
+            "tenant_waiting",
+            "Tasks waiting for a call slot or their tenant's quota, by tenant (known tenants, else other)",
+            metrics.tenant_waiting.clone(),
+        );
+        registry.register(
+            "tenant_in_flight",
+            "Tasks holding a call slot, by tenant (known tenants, else other)",
+            metrics.tenant_in_flight.clone(),
+        );
+        registry.register(
+            "tenant_quota_waits",
+            "Waits of a tenant's tasks for the tenant's own quota (known tenants, else other)",
+            metrics.tenant_quota_waits.clone(),
         );
         registry.register(
             "circuit_state",

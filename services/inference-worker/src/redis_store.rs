@@ -85,9 +85,11 @@ pub enum Claim {
 
 /// Two token buckets (requests, tokens) refilled continuously, plus a shared `blocked_until` set
 /// from 429s and exhausted-budget headers. Time is Redis' own clock, so replicas with skewed
-/// clocks still share one budget. `take_budget(key, a)` reads its six arguments from
-/// ARGV[a+1..a+6] and returns 0 when both budgets were taken, else how many milliseconds to
-/// wait before asking again.
+/// clocks still share one budget. `take_budget(key, a)` reads its seven arguments from
+/// ARGV[a+1..a+7] and returns 0 when both budgets were taken, else how many milliseconds to
+/// wait before asking again. The seventh is the share of each bucket's capacity the caller must
+/// leave in it (a tenant over its share leaves a reserve for the others; see
+/// [`crate::fairness`]).
 const BUDGET_FN: &str = r"
 local function take_budget(key, a)
   local t = redis.call('TIME')
@@ -101,17 +103,18 @@ local function take_budget(key, a)
   end
   local req_rate, req_cap, req_cost = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local tok_rate, tok_cap, tok_cost = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  local reserve = tonumber(ARGV[a + 7])
   local wait = 0
   local req = 0
   local tok = 0
   if req_rate > 0 then
     req = level('req', req_rate, req_cap)
-    local need = math.min(req_cost, req_cap)
+    local need = math.min(math.min(req_cost, req_cap) + reserve * req_cap, req_cap)
     if req < need then wait = math.max(wait, math.ceil((need - req) / req_rate)) end
   end
   if tok_rate > 0 then
     tok = level('tok', tok_rate, tok_cap)
-    local need = math.min(tok_cost, tok_cap)
+    local need = math.min(math.min(tok_cost, tok_cap) + reserve * tok_cap, tok_cap)
     if tok < need then wait = math.max(wait, math.ceil((need - tok) / tok_rate)) end
   end
   if wait > 0 then return wait end
@@ -146,10 +149,33 @@ pub struct BudgetRequest {
     pub tokens_per_ms: f64,
     pub token_capacity: f64,
     pub tokens: u64,
+    /// Share of each bucket's capacity to leave in it (0: take it down to empty).
+    pub reserve: f64,
 }
 
 impl BudgetRequest {
-    /// The six arguments `take_budget` reads, in its order.
+    /// One call of `tokens` against limits per minute (0: none), with a bucket of `burst`.
+    pub fn per_minute(
+        requests_per_minute: f64,
+        tokens_per_minute: f64,
+        burst: Duration,
+        tokens: u64,
+        reserve: f64,
+    ) -> Self {
+        let burst_ms = burst.as_secs_f64() * 1000.0;
+        let requests_per_ms = requests_per_minute / 60_000.0;
+        let tokens_per_ms = tokens_per_minute / 60_000.0;
+        BudgetRequest {
+            requests_per_ms,
+            request_capacity: (requests_per_ms * burst_ms).max(1.0),
+            tokens_per_ms,
+            token_capacity: (tokens_per_ms * burst_ms).max(tokens as f64),
+            tokens,
+            reserve,
+        }
+    }
+
+    /// The seven arguments `take_budget` reads, in its order.
     fn add_args(&self, invocation: &mut redis::ScriptInvocation<'_>) {
         invocation
             .arg(self.requests_per_ms)
@@ -157,7 +183,8 @@ impl BudgetRequest {
             .arg(1)
             .arg(self.tokens_per_ms)
             .arg(self.token_capacity)
-            .arg(self.tokens);
+            .arg(self.tokens)
+            .arg(self.reserve);
     }
 }
 
@@ -276,8 +303,27 @@ impl RedisStore {
         bucket: &str,
         request: BudgetRequest,
     ) -> Result<Option<Duration>, StoreError> {
+        self.take_from(self.key("ratelimit", bucket), request).await
+    }
+
+    /// Takes one request and `tokens` tokens from `tenant`'s own quota, shared by every replica;
+    /// `Ok(None)` when taken, else how long to wait. Kept apart from the provider buckets
+    /// (`quota:` keys), so no tenant id can name a model's bucket.
+    pub async fn take_quota(
+        &self,
+        tenant: &str,
+        request: BudgetRequest,
+    ) -> Result<Option<Duration>, StoreError> {
+        self.take_from(self.key("quota", tenant), request).await
+    }
+
+    async fn take_from(
+        &self,
+        key: String,
+        request: BudgetRequest,
+    ) -> Result<Option<Duration>, StoreError> {
         let mut connection = self.connection.clone();
-        let mut invocation = TAKE_BUDGET.key(self.key("ratelimit", bucket));
+        let mut invocation = TAKE_BUDGET.key(key);
         request.add_args(&mut invocation);
         let wait_ms: i64 = invocation.invoke_async(&mut connection).await?;
         Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms as u64)))

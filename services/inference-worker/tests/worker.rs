@@ -252,7 +252,8 @@ async fn tasks_of_one_ticket_finish_in_order_while_tickets_run_concurrently() {
     for version in 0..10 {
         let mut same = task(&ticket, "my invoice is wrong");
         same.prompt_version = format!("v{version}");
-        same.idempotency_key = triage_proto::idempotency_key(&ticket, &same.prompt_version, MODEL);
+        same.idempotency_key =
+            triage_proto::idempotency_key(&same.tenant_id, &ticket, &same.prompt_version, MODEL);
         batch.push(same);
         batch.push(task(
             &format!("{}-other{version}", context.id),
@@ -455,6 +456,114 @@ async fn every_poison_task_on_every_partition_is_one_dead_letter_and_the_worker_
         sim.paid_total(),
         normal.len() as u64,
         "poison must never reach the provider"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tenants_sharing_a_ticket_id_are_two_calls_and_two_results() {
+    let context = setup("tenants", 3).await;
+    let sim = Sim::with_latency_ms(20).await;
+    let results = consumer(&context.topics.results);
+    let worker = Worker::start(worker_config(&context, &sim));
+    let ticket = format!("{}-shared", context.id);
+    let acme = task(&ticket, "I was charged twice for my invoice");
+    let mut globex = task(&ticket, "The dashboard is down with a 503");
+    globex.tenant_id = "globex".into();
+    // What a real provider answers and bills for a request for gpt-4o-mini.
+    globex.model = "gpt-4o-mini-2024-07-18".into();
+    // A careless producer's key (the one without a tenant) must not matter: the worker derives it.
+    globex.idempotency_key = acme.idempotency_key.clone();
+    publish(&context, &[acme.clone(), globex.clone()]).await;
+
+    let first = read_results(&results, 2).await;
+    assert_eq!(
+        sim.paid_total(),
+        2,
+        "one call per tenant, none served from the other's cache"
+    );
+    let of = |results: &[triage_proto::v1::InferenceResult], tenant: &str| {
+        let mine: Vec<_> = results
+            .iter()
+            .filter(|r| r.tenant_id == tenant)
+            .cloned()
+            .collect();
+        assert_eq!(mine.len(), 1, "{tenant}: {results:?}");
+        mine.into_iter().next().unwrap()
+    };
+    let (acme_result, globex_result) = (of(&first, "acme"), of(&first, "globex"));
+    assert_eq!(acme_result.ticket_id, ticket);
+    assert_eq!(globex_result.ticket_id, ticket);
+    assert_eq!(acme_result.category, "billing");
+    assert_eq!(globex_result.category, "outage");
+    assert_ne!(acme_result.idempotency_key, globex_result.idempotency_key);
+    assert_eq!(globex_result.model, "gpt-4o-mini-2024-07-18");
+    assert!(
+        globex_result.cost_usd > 0.0,
+        "a dated model is priced as its model"
+    );
+
+    // Both again: each tenant is answered from its own cache entry, never the other's.
+    publish(&context, &[globex, acme]).await;
+    let second = read_results(&results, 2).await;
+    assert_eq!(sim.paid_total(), 2, "nothing paid twice");
+    for (repeat, original) in [
+        (of(&second, "acme"), &acme_result),
+        (of(&second, "globex"), &globex_result),
+    ] {
+        assert!(repeat.from_cache);
+        assert_eq!(repeat.category, original.category);
+        assert_eq!(repeat.idempotency_key, original.idempotency_key);
+    }
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_over_its_quota_waits_and_is_never_dead_lettered_while_others_flow() {
+    let context = setup("quota", 3).await;
+    let sim = Sim::with_latency_ms(10).await;
+    let results = consumer(&context.topics.results);
+    let dead_letters = consumer(&context.topics.dead_letters);
+    let mut config = worker_config(&context, &sim);
+    // 2 requests per second, a bucket of 2: six tasks need at least two seconds.
+    config.tenants.known.insert(
+        "acme".into(),
+        inference_worker::config::TenantConfig {
+            requests_per_minute: 120,
+            ..Default::default()
+        },
+    );
+    let worker = Worker::start(config);
+    let mut batch = tasks(&context, 6);
+    for index in 0..6 {
+        let mut other = task(&format!("{}-g{index}", context.id), "The dashboard is down");
+        other.tenant_id = "globex".into();
+        batch.push(other);
+    }
+    let started = std::time::Instant::now();
+    publish(&context, &batch).await;
+
+    let arrived = read_results(&results, 12).await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1800),
+        "acme's quota paced its calls: {elapsed:?}"
+    );
+    let last_globex = arrived
+        .iter()
+        .rposition(|r| r.tenant_id == "globex")
+        .unwrap();
+    let last_acme = arrived.iter().rposition(|r| r.tenant_id == "acme").unwrap();
+    assert!(
+        last_globex < last_acme,
+        "globex has no quota and is not held behind acme's"
+    );
+    assert_eq!(sim.paid_total(), 12);
+    assert!(
+        read_for(&dead_letters, Duration::from_millis(500))
+            .await
+            .is_empty(),
+        "over quota is a wait, never a dead letter"
     );
     worker.stop().await;
 }

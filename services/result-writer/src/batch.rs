@@ -235,16 +235,19 @@ impl BatchWriter {
     }
 }
 
-/// One row per (ticket, prompt version): PostgreSQL cannot update a row twice in one statement.
+/// One row per key (tenant, ticket, prompt version): PostgreSQL cannot update a row twice in one statement.
 /// The newest `triaged_at` wins, as in the table; on a tie the first one stays, as in the table.
 /// Every waiter is kept with its row: each result is durable once its row commits.
 fn newest_per_key(batch: Vec<Pending>) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::with_capacity(batch.len());
-    let mut positions: HashMap<(String, String), usize> = HashMap::with_capacity(batch.len());
+    let mut positions: HashMap<(String, String, String), usize> =
+        HashMap::with_capacity(batch.len());
     for pending in batch {
+        let (tenant_id, ticket_id, prompt_version) = pending.triage.key();
         let key = (
-            pending.triage.ticket_id.clone(),
-            pending.triage.prompt_version.clone(),
+            tenant_id.to_owned(),
+            ticket_id.to_owned(),
+            prompt_version.to_owned(),
         );
         match positions
             .get(&key)
@@ -298,6 +301,18 @@ mod tests {
             },
             written_tx,
         }
+    }
+
+    #[test]
+    fn two_tenants_sharing_a_ticket_id_are_two_rows() {
+        let mut globex = pending("t-1", "v1", 20, "globex's");
+        globex.triage.tenant_id = "globex".into();
+        let rows = newest_per_key(vec![pending("t-1", "v1", 10, "acme's"), globex]);
+        let tenants: Vec<_> = rows
+            .iter()
+            .map(|r| (r.triage.tenant_id.as_str(), r.triage.category.as_str()))
+            .collect();
+        assert_eq!(tenants, [("acme", "acme's"), ("globex", "globex's")]);
     }
 
     #[test]

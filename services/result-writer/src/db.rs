@@ -2,7 +2,8 @@
 //! read queries.
 //!
 //! # Idempotency
-//! The table's key is (ticket_id, prompt_version). A batch is one `INSERT ... SELECT FROM UNNEST`
+//! The table's key is (tenant_id, ticket_id, prompt_version): ticket ids are the helpdesk's, so
+//! two tenants may share one. A batch is one `INSERT ... SELECT FROM UNNEST`
 //! with `ON CONFLICT DO UPDATE ... WHERE EXCLUDED.triaged_at > triage_results.triaged_at`: a
 //! replayed result changes nothing, a newer one replaces the row, an older one never does.
 //! `RETURNING` names exactly the rows that changed, which are the ones announced on the live
@@ -20,11 +21,18 @@ use crate::{
 };
 
 /// The schema's migrations, in order. Each runs once per schema, all in one transaction.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "triage_results",
-    include_str!("../migrations/0001_triage_results.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "triage_results",
+        include_str!("../migrations/0001_triage_results.sql"),
+    ),
+    (
+        2,
+        "tenant_in_primary_key",
+        include_str!("../migrations/0002_tenant_in_primary_key.sql"),
+    ),
+];
 
 /// Why a database operation failed; [`DbError::failure`] says what that means for the rows.
 #[derive(Debug, thiserror::Error)]
@@ -193,8 +201,7 @@ SELECT batch.*, now() FROM UNNEST(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::float8[],
     $8::text[], $9::int8[], $10::int8[], $11::float8[], $12::timestamptz[], $13::timestamptz[],
     $14::timestamptz[], $15::int4[], $16::int8[], $17::text[]) AS batch
-ON CONFLICT (ticket_id, prompt_version) DO UPDATE SET
-    tenant_id = EXCLUDED.tenant_id,
+ON CONFLICT (tenant_id, ticket_id, prompt_version) DO UPDATE SET
     category = EXCLUDED.category,
     priority = EXCLUDED.priority,
     suggested_reply = EXCLUDED.suggested_reply,
@@ -211,7 +218,7 @@ ON CONFLICT (ticket_id, prompt_version) DO UPDATE SET
     provider_note = EXCLUDED.provider_note,
     written_at = EXCLUDED.written_at
 WHERE EXCLUDED.triaged_at > triage_results.triaged_at
-RETURNING ticket_id, prompt_version, written_at";
+RETURNING tenant_id, ticket_id, prompt_version, written_at";
 
 const COLUMNS: &str = "ticket_id, tenant_id, prompt_version, category, priority, suggested_reply, \
     confidence, model, prompt_tokens, completion_tokens, cost_usd, ticket_created_at, \
@@ -263,7 +270,7 @@ impl Store {
         let transaction = client.transaction().await?;
         let changed = transaction.query(&statement, &columns.params()).await?;
         transaction.commit().await?;
-        let index: HashMap<(&str, &str), usize> = rows
+        let index: HashMap<(&str, &str, &str), usize> = rows
             .iter()
             .enumerate()
             .map(|(position, row)| (row.key(), position))
@@ -271,10 +278,13 @@ impl Store {
         Ok(changed
             .iter()
             .filter_map(|row| {
-                let ticket_id: &str = row.get(0);
-                let prompt_version: &str = row.get(1);
-                let position = *index.get(&(ticket_id, prompt_version))?;
-                Some((position, row.get::<_, DateTime<Utc>>(2)))
+                // A database answer is outside input: a row that does not read as expected is
+                // skipped (it is committed; it only misses the live stream), never a panic.
+                let tenant_id: &str = row.try_get(0).ok()?;
+                let ticket_id: &str = row.try_get(1).ok()?;
+                let prompt_version: &str = row.try_get(2).ok()?;
+                let position = *index.get(&(tenant_id, ticket_id, prompt_version))?;
+                Some((position, row.try_get::<_, DateTime<Utc>>(3).ok()?))
             })
             .collect())
     }

@@ -153,9 +153,9 @@ impl NewTriage {
         })
     }
 
-    /// The row's primary key.
-    pub fn key(&self) -> (&str, &str) {
-        (&self.ticket_id, &self.prompt_version)
+    /// The row's primary key: (tenant, ticket, prompt version).
+    pub fn key(&self) -> (&str, &str, &str) {
+        (&self.tenant_id, &self.ticket_id, &self.prompt_version)
     }
 }
 
@@ -198,7 +198,7 @@ mod tests {
             ..Default::default()
         };
         let row = NewTriage::from_result(result, source()).unwrap();
-        assert_eq!(row.key(), ("t-1", "v3"));
+        assert_eq!(row.key(), ("acme", "t-1", "v3"));
         assert_eq!(row.prompt_tokens, 120);
         assert_eq!(row.triaged_at.timestamp_subsec_nanos(), 123_456_000);
         assert_eq!((row.source_partition, row.source_offset), (2, 41));

@@ -148,6 +148,95 @@ async fn a_ticket_is_visible_to_its_tenant_only() {
 }
 
 #[tokio::test]
+async fn two_tenants_sharing_a_ticket_id_each_read_their_own_row() {
+    let ctx = TestContext::new("rw-api-shared-id");
+    let fixture = fixture(&ctx).await;
+    let store = Store::new(
+        db::connect(&result_writer::config::DatabaseConfig {
+            url: Secret::new(Stack::get().database_url.clone()),
+            schema: ctx.db_schema.clone(),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    // The same ticket id and prompt version from two helpdesks: two rows, neither replaces the
+    // other whatever their order.
+    let changed = store
+        .upsert(&[
+            row("acme", "shared-42", 2_000, "billing"),
+            row("globex", "shared-42", 2_001, "outage"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(changed.len(), 2);
+    assert_eq!(
+        fixture
+            .db
+            .query("WHERE ticket_id = 'shared-42'")
+            .await
+            .len(),
+        2
+    );
+
+    for (key, tenant, category) in [
+        (ACME_KEY, "acme", "billing"),
+        (GLOBEX_KEY, "globex", "outage"),
+    ] {
+        let (status, _, body) = get(&fixture.app, "/v1/tickets/shared-42/triage", Some(key)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let triage: Triage = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (triage.tenant_id.as_str(), triage.category.as_str()),
+            (tenant, category)
+        );
+    }
+    fixture.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn the_tenant_key_migration_keeps_existing_rows() {
+    let ctx = TestContext::new("rw-api-migrate");
+    let database = Db::connect(&ctx.db_schema).await;
+    // The schema as the first release left it, with one row.
+    database
+        .execute(&format!(
+            "CREATE SCHEMA {schema}; SET search_path TO {schema};
+             CREATE TABLE result_writer_migrations (
+                 version integer PRIMARY KEY, name text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now());
+             {first}
+             INSERT INTO result_writer_migrations (version, name) VALUES (1, 'triage_results');
+             INSERT INTO triage_results (ticket_id, tenant_id, prompt_version, category, priority,
+                 suggested_reply, confidence, model, prompt_tokens, completion_tokens, cost_usd,
+                 triaged_at, source_partition, source_offset)
+             VALUES ('old-1', 'acme', 'triage-v1', 'billing', 'p3', 'Thanks', 0.9, 'm', 1, 1,
+                 0.0, now(), 0, 0);",
+            schema = ctx.db_schema,
+            first = include_str!("../migrations/0001_triage_results.sql"),
+        ))
+        .await;
+    let config = result_writer::config::DatabaseConfig {
+        url: Secret::new(Stack::get().database_url.clone()),
+        schema: ctx.db_schema.clone(),
+        ..Default::default()
+    };
+    let pool = db::connect(&config).unwrap();
+    assert_eq!(db::migrate(&pool, &ctx.db_schema).await.unwrap(), 1);
+    let rows = database.query("WHERE ticket_id = 'old-1'").await;
+    assert_eq!(rows.len(), 1, "the existing row survives the migration");
+    assert_eq!(rows[0].get::<_, String>("category"), "billing");
+    // The new conflict target: another tenant's ticket of the same id is a second row.
+    let store = Store::new(pool);
+    let changed = store
+        .upsert(&[row("globex", "old-1", 3_000, "outage")])
+        .await
+        .unwrap();
+    assert_eq!(changed.len(), 1);
+    assert_eq!(database.query("WHERE ticket_id = 'old-1'").await.len(), 2);
+    database.drop_schema().await;
+}
+
+#[tokio::test]
 async fn every_endpoint_wants_a_valid_key() {
     let ctx = TestContext::new("rw-api-auth");
     let fixture = fixture(&ctx).await;

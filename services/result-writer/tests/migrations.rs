@@ -36,8 +36,8 @@ async fn three_replicas_starting_at_once_migrate_the_schema_exactly_once() {
     applied.sort();
     assert_eq!(
         applied,
-        [0, 0, 1],
-        "one replica applied the migration, the others waited"
+        [0, 0, 2],
+        "one replica applied both migrations (the table, the tenant in its key), the others waited"
     );
 
     let pool = db::connect(&config).unwrap();

@@ -9,7 +9,10 @@
 //! Each stored value carries a fingerprint of the request, so a key reused for a different
 //! request is refused rather than answered with someone else's ticket.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
@@ -70,9 +73,29 @@ pub struct IdempotencyStore {
     client: redis::Client,
     connection: Arc<Mutex<Option<ConnectionManager>>>,
     prefix: String,
+    rate_prefix: String,
     timeout: Duration,
     ttl: Duration,
 }
+
+/// One tenant's ingress token bucket: ARGV rate per ms, capacity, cost. 0: taken; -1: the cost
+/// exceeds the capacity; else milliseconds until it fits. Nothing is taken unless it fits.
+static TAKE_RATE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rate, cap, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if cost > cap then return -1 end
+local level = tonumber(redis.call('HGET', KEYS[1], 'level') or tostring(cap))
+local last = tonumber(redis.call('HGET', KEYS[1], 'at') or tostring(now))
+level = math.min(cap, level + math.max(0, now - last) * rate)
+if level < cost then return math.ceil((cost - level) / rate) end
+redis.call('HSET', KEYS[1], 'level', level - cost, 'at', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(cap / rate) + 1000)
+return 0",
+    )
+});
 
 impl IdempotencyStore {
     pub fn new(config: &RedisConfig, ttl: Duration) -> Result<Self, redis::RedisError> {
@@ -80,6 +103,7 @@ impl IdempotencyStore {
             client: redis::Client::open(config.url.expose())?,
             connection: Arc::new(Mutex::new(None)),
             prefix: format!("{}idem:", config.key_prefix),
+            rate_prefix: format!("{}ratelimit:", config.key_prefix),
             timeout: config.timeout,
             ttl,
         })
@@ -110,6 +134,33 @@ impl IdempotencyStore {
             .await
             .map_err(|_| StoreError::Timeout(self.timeout))?
             .map_err(StoreError::from)
+    }
+
+    /// Takes `cost` tickets from `tenant`'s ingress budget, shared by every replica (a token
+    /// bucket refilled at `per_second` up to `burst`, on Redis' clock). `Ok(None)` when taken,
+    /// else how long to wait; `Duration::MAX` when `cost` exceeds the burst and never fits.
+    pub async fn take_rate(
+        &self,
+        tenant: &str,
+        per_second: u32,
+        burst: u32,
+        cost: u32,
+    ) -> Result<Option<Duration>, StoreError> {
+        let mut connection = self.connection().await?;
+        let mut invocation = TAKE_RATE.key(format!("{}{tenant}", self.rate_prefix));
+        invocation
+            .arg(f64::from(per_second) / 1000.0)
+            .arg(burst)
+            .arg(cost);
+        let wait_ms: i64 =
+            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
+                .await
+                .map_err(|_| StoreError::Timeout(self.timeout))??;
+        Ok(match wait_ms {
+            0 => None,
+            ms if ms < 0 => Some(Duration::MAX),
+            ms => Some(Duration::from_millis(ms.unsigned_abs())),
+        })
     }
 
     fn redis_key(&self, tenant: &str, key: &str) -> String {

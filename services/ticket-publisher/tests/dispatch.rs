@@ -1,5 +1,5 @@
 //! The dispatch stage against the real broker: events published by an outside producer (JSON or
-//! protobuf) become tasks keyed by tenant, poison events become dead letters while the next
+//! protobuf) become tasks keyed by ticket, poison events become dead letters while the next
 //! ones flow, and the trace continues from the event to the task.
 
 mod common;
@@ -151,8 +151,8 @@ async fn outside_json_and_protobuf_events_are_dispatched_and_poison_is_dead_lett
                 .unwrap();
         assert_eq!(
             record.key(),
-            Some(task.tenant_id.as_bytes()),
-            "tasks are keyed by tenant"
+            Some(task.ticket_id.as_bytes()),
+            "tasks are keyed by ticket, so one tenant spreads over every partition"
         );
         assert_eq!(
             header(record, "ce_type"),
@@ -160,7 +160,12 @@ async fn outside_json_and_protobuf_events_are_dispatched_and_poison_is_dead_lett
         );
         assert_eq!(
             task.idempotency_key,
-            triage_proto::idempotency_key(&task.ticket_id, "triage-v1", "gpt-4o-mini")
+            triage_proto::idempotency_key(
+                &task.tenant_id,
+                &task.ticket_id,
+                "triage-v1",
+                "gpt-4o-mini"
+            )
         );
         assert!(task.messages[1].content.starts_with("<ticket>"));
         assert!(

@@ -181,6 +181,31 @@ async fn a_tenant_over_its_rate_is_429_with_retry_after_and_others_are_not() {
 }
 
 #[tokio::test]
+async fn a_tenants_rate_is_shared_by_every_replica() {
+    let ctx = TestContext::new("tp_rate_shared");
+    let mut config = config(&ctx);
+    config.ingress.rate_limit_per_second = 1;
+    config.ingress.rate_limit_burst = 2;
+    ctx.create_topics(1).await;
+    // Two replicas behind one load balancer: each its own process state, one Redis.
+    let first = ticket_publisher::ingress::http::router(ingress(&config));
+    let second = ticket_publisher::ingress::http::router(ingress(&config));
+    let warm_up = send(&first, post_json(Some(GLOBEX_KEY), &valid_ticket("x"))).await;
+    assert_eq!(warm_up.status, 202);
+    for app in [&first, &second] {
+        let answer = send(app, post_json(Some(ACME_KEY), &valid_ticket("x"))).await;
+        assert_eq!(answer.status, 202);
+    }
+    // The tenant's burst of 2 is spent across both replicas; each alone would still admit.
+    for app in [&first, &second] {
+        let limited = send(app, post_json(Some(ACME_KEY), &valid_ticket("x"))).await;
+        assert_problem(&limited, 429);
+    }
+    let other_tenant = send(&second, post_json(Some(GLOBEX_KEY), &valid_ticket("x"))).await;
+    assert_eq!(other_tenant.status, 202);
+}
+
+#[tokio::test]
 async fn every_202_has_its_record_at_the_answered_partition_and_offset() {
     let ctx = TestContext::new("tp_accepted");
     let app = app(&ctx).await;

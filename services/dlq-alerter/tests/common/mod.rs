@@ -309,7 +309,7 @@ pub fn task(ticket: &str, tenant: &str, user_text: &str) -> InferenceTask {
                 content: user_text.into(),
             },
         ],
-        idempotency_key: triage_proto::idempotency_key(ticket, "triage-v1", "llm-sim"),
+        idempotency_key: triage_proto::idempotency_key(tenant, ticket, "triage-v1", "llm-sim"),
         ..Default::default()
     }
 }
@@ -325,7 +325,7 @@ pub fn dead_letter_of_task(
 ) -> DeadLetter {
     DeadLetter {
         id: id.into(),
-        original_key: task.tenant_id.as_bytes().to_vec(),
+        original_key: task.ticket_id.as_bytes().to_vec(),
         original_value: triage_proto::encode(task, content_type),
         original_headers: vec![
             header("content-type", content_type.as_mime()),

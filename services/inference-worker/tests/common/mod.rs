@@ -225,7 +225,7 @@ pub fn task(ticket_id: &str, text: &str) -> InferenceTask {
             },
         ],
         taxonomy: Some(Taxonomy::pipeline_default()),
-        idempotency_key: triage_proto::idempotency_key(ticket_id, prompt_version, MODEL),
+        idempotency_key: triage_proto::idempotency_key("acme", ticket_id, prompt_version, MODEL),
         accepted_at: Some(triage_proto::timestamp(std::time::SystemTime::now())),
         ..Default::default()
     }

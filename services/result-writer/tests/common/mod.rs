@@ -228,6 +228,14 @@ impl Db {
             .expect("query")
     }
 
+    /// Runs statements with the test's schema first on the search path.
+    pub async fn execute(&self, statements: &str) {
+        self.client
+            .batch_execute(&format!("SET search_path TO {}; {statements}", self.schema))
+            .await
+            .expect("execute");
+    }
+
     pub async fn drop_schema(&self) {
         self.client
             .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema))

@@ -509,7 +509,9 @@ fn seek_to_committed(consumer: &StreamConsumer) -> Result<(), KafkaError> {
     Ok(())
 }
 
-/// Decides what one event becomes: a task keyed by tenant, or a dead letter keyed by ticket.
+/// Decides what one event becomes: a task or a dead letter, both keyed by ticket. Keying tasks by
+/// ticket (not tenant) spreads one tenant over every partition, so a single busy tenant uses every
+/// worker, while the tasks of one ticket stay in one partition, in order.
 fn route(message: &OwnedMessage, config: &Config) -> Outbound {
     let record_headers = message.headers();
     let parent = headers::extract_trace_context(record_headers);
@@ -580,7 +582,7 @@ fn route(message: &OwnedMessage, config: &Config) -> Outbound {
     }
     Outbound {
         topic: config.topics.inference_tasks.clone(),
-        key: task.tenant_id.clone().into_bytes(),
+        key: task.ticket_id.clone().into_bytes(),
         payload,
         headers: headers::for_message::<InferenceTask>(SERVICE, ContentType::Protobuf, &trace),
         is_task: true,

@@ -93,6 +93,7 @@ pub fn render(
             priorities: prompt.priorities.clone(),
         }),
         idempotency_key: triage_proto::idempotency_key(
+            &event.tenant_id,
             &event.ticket_id,
             &prompt.version,
             &prompt.model,
@@ -195,7 +196,7 @@ mod tests {
         assert_eq!(task.model, "gpt-4o-mini");
         assert_eq!(
             task.idempotency_key,
-            triage_proto::idempotency_key("t-1", "triage-v1", "gpt-4o-mini")
+            triage_proto::idempotency_key("acme", "t-1", "triage-v1", "gpt-4o-mini")
         );
         let system = &task.messages[0].content;
         assert!(system.contains("billing, outage, login, bug, feature_request, other"));

@@ -52,7 +52,7 @@ impl TicketIngest for GrpcIngress {
                 .and_then(auth::bearer_token)
                 .map(str::to_owned);
             let tenant = ingress.authenticate(api_key.as_deref())?;
-            ingress.admit(&tenant, 1)?;
+            ingress.admit(&tenant, 1).await?;
             let mut message = request.into_inner();
             let key = message.idempotency_key.take();
             let request_fingerprint = fingerprint(&[b"single-grpc", &message.encode_to_vec()]);

@@ -121,7 +121,7 @@ pub async fn create_ticket(
     let (span, trace) = request_span("create_ticket", &headers);
     let outcome = async {
         let tenant = ingress.authenticate(api_key(&headers))?;
-        ingress.admit(&tenant, 1)?;
+        ingress.admit(&tenant, 1).await?;
         ticket::check_json_content_type(content_type(&headers))?;
         let bytes = read_body(body, ingress.max_body_bytes()).await?;
         let valid = ticket::decode_http(content_type(&headers), &bytes, ingress.limits())?;
@@ -189,7 +189,7 @@ pub async fn create_tickets_batch(
                 )],
             });
         }
-        ingress.admit(&tenant, items.len())?;
+        ingress.admit(&tenant, items.len()).await?;
         let key = idempotency_key(&headers)?;
         ingress
             .idempotent(&tenant, key, &fingerprint(&[b"batch", &bytes]), || async {

@@ -99,7 +99,13 @@ struct Inner {
     producer: ContractProducer,
     topic: String,
     keys: ApiKeys,
+    /// Each replica's own limit, used only while Redis (the shared one) is unavailable.
     limiter: DefaultKeyedRateLimiter<Arc<str>>,
+    per_second: u32,
+    burst: u32,
+    /// Until when (ms since the Unix epoch) the shared limit is skipped after Redis failed, so
+    /// that an outage costs one timeout per second, not one per request.
+    shared_limit_down_until_ms: std::sync::atomic::AtomicU64,
     store: IdempotencyStore,
     limits: Limits,
     max_body_bytes: usize,
@@ -126,6 +132,9 @@ impl Ingress {
                 topic,
                 keys,
                 limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+                per_second: per_second.get(),
+                burst: burst.get(),
+                shared_limit_down_until_ms: std::sync::atomic::AtomicU64::new(0),
                 store,
                 limits: Limits::from(config),
                 max_body_bytes: config.max_body_bytes,
@@ -159,10 +168,47 @@ impl Ingress {
             .ok_or(ApiError::Unauthenticated)
     }
 
-    /// Takes `tickets` from the tenant's rate budget, or says when to come back.
-    pub fn admit(&self, tenant: &Arc<str>, tickets: usize) -> Result<(), ApiError> {
+    /// Takes `tickets` from the tenant's rate budget, or says when to come back. The budget is
+    /// shared by every replica through Redis; while Redis is unavailable each replica applies
+    /// it on its own (so N replicas admit up to N times the rate) rather than refuse tickets.
+    pub async fn admit(&self, tenant: &Arc<str>, tickets: usize) -> Result<(), ApiError> {
+        use std::sync::atomic::Ordering;
         let cells =
             NonZeroU32::new(tickets.clamp(1, u32::MAX as usize) as u32).unwrap_or(NonZeroU32::MIN);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
+        if self
+            .inner
+            .shared_limit_down_until_ms
+            .load(Ordering::Relaxed)
+            <= now_ms
+        {
+            match self
+                .inner
+                .store
+                .take_rate(tenant, self.inner.per_second, self.inner.burst, cells.get())
+                .await
+            {
+                Ok(None) => return Ok(()),
+                Ok(Some(Duration::MAX)) => {
+                    return Err(ApiError::RateLimited {
+                        retry_after: Duration::from_secs(1),
+                    });
+                }
+                Ok(Some(wait)) => {
+                    return Err(ApiError::RateLimited {
+                        retry_after: wait.max(Duration::from_millis(1)),
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "redis unavailable; ingress rate limit applies per replica");
+                    self.inner
+                        .shared_limit_down_until_ms
+                        .store(now_ms + 1000, Ordering::Relaxed);
+                }
+            }
+        }
         match self.inner.limiter.check_key_n(tenant, cells) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => Err(ApiError::RateLimited {
