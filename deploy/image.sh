@@ -142,11 +142,20 @@ REVISION=$(git -C "$ROOT" rev-parse HEAD)
 if [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no) ]]; then
   REVISION="$REVISION-dirty"
 fi
-# The clone's own repository when it has one; else the Dockerfile's default for SOURCE.
-source_arg=()
-if origin=$(git -C "$ROOT" remote get-url origin 2>/dev/null); then
-  source_arg=(--build-arg SOURCE="$origin")
+# The clone's own repository when it has a URL; else (no remote, or a clone of a local folder,
+# as CI's is) the Dockerfile's default for SOURCE: a path on some machine is no source to link.
+SOURCE=$(sed -n 's/^ARG SOURCE=//p' "$ROOT/Dockerfile")
+if origin=$(git -C "$ROOT" remote get-url origin 2>/dev/null) \
+    && [[ $origin == https://* || $origin == ssh://* || $origin == *@*:* ]]; then
+  SOURCE=$origin
 fi
+# The labels are also set on the command line: buildah's layer cache (1.28) reuses a LABEL layer
+# whose build arguments changed, which left a new image with the previous build's revision.
+label_args=(
+  --label "org.opencontainers.image.source=$SOURCE"
+  --label "org.opencontainers.image.revision=$REVISION"
+  --label "org.opencontainers.image.version=$VERSION"
+)
 if [[ -z $IMAGE ]]; then
   IMAGE="localhost/ticket-triage:$VERSION"
   [[ $PROFILE == release ]] || IMAGE="$IMAGE-$PROFILE"
@@ -162,7 +171,8 @@ podman build --quiet --pull=never --network=host \
   --build-arg RUNTIME_IMAGE="$BASE_IMAGE" \
   --build-arg VERSION="$VERSION" \
   --build-arg REVISION="$REVISION" \
-  "${source_arg[@]}" \
+  --build-arg SOURCE="$SOURCE" \
+  "${label_args[@]}" \
   --tag "$IMAGE" \
   "$CONTEXT" >"$CACHE/build.log" 2>&1 || { cat "$CACHE/build.log" >&2; die "podman build failed"; }
 log "built in $((SECONDS - step)) s"
