@@ -113,15 +113,21 @@ impl BatchWriter {
         let mut written: Vec<(NewTriage, chrono::DateTime<Utc>)> = Vec::new();
         let mut rows_refused = 0usize;
         while let Some(mut slice) = todo.pop() {
-            let triages: Vec<NewTriage> = slice.iter().map(|row| row.triage.clone()).collect();
-            match self.commit(&triages, shutdown).await {
+            let attempt = {
+                let triages: Vec<&NewTriage> = slice.iter().map(|row| &row.triage).collect();
+                self.commit(&triages, shutdown).await
+            };
+            match attempt {
                 Attempt::Committed(changed) => {
-                    for row in &mut slice {
-                        for waiter in row.waiters.drain(..) {
-                            let _ = waiter.send(Written::Stored);
-                        }
-                    }
-                    let mut rows: Vec<Option<NewTriage>> = triages.into_iter().map(Some).collect();
+                    let mut rows: Vec<Option<NewTriage>> = slice
+                        .into_iter()
+                        .map(|row| {
+                            for waiter in row.waiters {
+                                let _ = waiter.send(Written::Stored);
+                            }
+                            Some(row.triage)
+                        })
+                        .collect();
                     written.extend(changed.into_iter().filter_map(|(index, written_at)| {
                         Some((rows.get_mut(index)?.take()?, written_at))
                     }));
@@ -189,7 +195,7 @@ impl BatchWriter {
     }
 
     /// One transaction of `rows`, retried while its failure is transient, with fetching paused.
-    async fn commit(&self, rows: &[NewTriage], shutdown: &Shutdown) -> Attempt {
+    async fn commit(&self, rows: &[&NewTriage], shutdown: &Shutdown) -> Attempt {
         let mut delays = ExponentialBuilder::default()
             .with_min_delay(self.database.retry_min_delay)
             .with_max_delay(self.database.retry_max_delay)

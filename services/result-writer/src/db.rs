@@ -263,7 +263,10 @@ impl Store {
     /// Writes `rows` in one transaction. `rows` must hold each key at most once (PostgreSQL
     /// refuses to update one row twice in a statement). Returns, for each row that was inserted
     /// or replaced, its index in `rows` and its `written_at`.
-    pub async fn upsert(&self, rows: &[NewTriage]) -> Result<Vec<(usize, DateTime<Utc>)>, DbError> {
+    pub async fn upsert<R: std::borrow::Borrow<NewTriage>>(
+        &self,
+        rows: &[R],
+    ) -> Result<Vec<(usize, DateTime<Utc>)>, DbError> {
         let mut client = self.pool.get().await?;
         let statement = client.prepare_cached(UPSERT).await?;
         let columns = Columns::of(rows);
@@ -273,7 +276,7 @@ impl Store {
         let index: HashMap<(&str, &str, &str), usize> = rows
             .iter()
             .enumerate()
-            .map(|(position, row)| (row.key(), position))
+            .map(|(position, row)| (row.borrow().key(), position))
             .collect();
         Ok(changed
             .iter()
@@ -416,7 +419,8 @@ struct Columns<'a> {
 }
 
 impl<'a> Columns<'a> {
-    fn of(rows: &'a [NewTriage]) -> Self {
+    fn of<R: std::borrow::Borrow<NewTriage>>(rows: &'a [R]) -> Self {
+        let rows: Vec<&'a NewTriage> = rows.iter().map(R::borrow).collect();
         Columns {
             ticket_id: rows.iter().map(|r| r.ticket_id.as_str()).collect(),
             tenant_id: rows.iter().map(|r| r.tenant_id.as_str()).collect(),
