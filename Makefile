@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Integration tests share one broker; a few at a time keeps 2 cores responsive.
 TEST_THREADS ?= 4
 
-.PHONY: fuzz help demo test k8s-test helm-check image image-test image-test-run stack-up stack-down stack-status build lint fmt clippy unit bench clean-stack
+.PHONY: browser fuzz help demo test k8s-test helm-check image image-test image-test-run stack-up stack-down stack-status build lint fmt clippy unit bench clean-stack
 
 help:
 	@echo "make demo        run the pipeline locally and watch tickets being triaged"
@@ -26,6 +26,10 @@ stack-up:
 stack-down:
 	@deploy/stack.sh down
 
+# Headless Chromium and chromedriver for the console's browser tests (apt-get when missing).
+browser:
+	@deploy/browser.sh
+
 stack-status:
 	@deploy/stack.sh status
 
@@ -46,7 +50,7 @@ lint:
 # Tests named serial_* measure time (throughput against a rate limit) or restart the shared stack
 # (chaos), so they run alone, after the rest. The end-to-end tests start the service binaries;
 # the image test last starts them again as containers (image-test-run, below).
-test: stack-up lint helm-check
+test: stack-up lint helm-check browser
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS) --skip serial_
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=1 serial_

@@ -1,9 +1,10 @@
 //! Configuration of dlq-alerter; see `triage_runtime::config` for how it is loaded.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use triage_runtime::{
+    auth::AuthConfig,
     config::{
         AdminConfig, KafkaConfig, Secret, TelemetryConfig, TopicProvisioning, TopicsConfig,
         Validate,
@@ -38,6 +39,33 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// `/healthz`, `/readyz`, `/metrics` and the drain deadline.
     pub admin: AdminConfig,
+    /// The dead-letter API (recent dead letters, replay), which the triage console calls.
+    pub api: DeadLetterApiConfig,
+    /// API keys and the tenants they belong to, as the read API has them; replay needs a key
+    /// with the `admin` role.
+    pub auth: AuthConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetterApiConfig {
+    /// Address of `GET /v1/dead-letters` and `POST /v1/dead-letters/{id}/replay`; off when unset.
+    pub listen: Option<SocketAddr>,
+    /// How many records at the end of each partition of the dead-letter topic a listing reads:
+    /// "recent" dead letters, at a bounded cost per request whatever the topic's retention.
+    pub recent_per_partition: i64,
+    /// Most dead letters one listing returns (newest first).
+    pub max_items: usize,
+}
+
+impl Default for DeadLetterApiConfig {
+    fn default() -> Self {
+        DeadLetterApiConfig {
+            listen: None,
+            recent_per_partition: 500,
+            max_items: 100,
+        }
+    }
 }
 
 impl Default for Config {
@@ -60,6 +88,8 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             telemetry: TelemetryConfig::default(),
             admin: AdminConfig::default(),
+            api: DeadLetterApiConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -217,6 +247,16 @@ impl Validate for Config {
         self.consumer.validate(problems);
         self.telemetry.validate(problems);
         self.admin.validate(problems);
+        self.auth.validate(problems);
+        if self.api.listen.is_some() && self.auth.keys.is_empty() && self.auth.keys_file.is_none() {
+            problems.push(
+                "api.listen is set but no API key is configured (auth.keys or auth.keys_file)"
+                    .into(),
+            );
+        }
+        if self.api.recent_per_partition < 1 || self.api.max_items == 0 {
+            problems.push("api.recent_per_partition and api.max_items must be at least 1".into());
+        }
         let slack = self.slack_url();
         let webhook = self.webhook_url();
         check_url("slack.webhook_url", &slack, problems);

@@ -8,6 +8,7 @@
 //! - [`aggregate`]: one full alert per error class and window, the rest folded into a summary.
 //! - [`output`]: Slack Block Kit and JSON bodies, and delivery that never gives up.
 //! - [`replay`]: the `replay` subcommand: list dead letters and re-publish their tasks.
+//! - [`api`]: the same listing and replay over HTTP for the triage console, per tenant.
 //! - [`metrics`]: the `triage_dlq_*` metrics.
 //!
 //! # When an offset is committed
@@ -32,6 +33,7 @@
 
 pub mod aggregate;
 pub mod alert;
+pub mod api;
 pub mod config;
 pub mod metrics;
 pub mod output;
@@ -203,6 +205,26 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         shutdown.clone(),
     )
     .await?;
+    let api_task = match config.api.listen {
+        Some(listen) => {
+            let keys = triage_runtime::auth::ApiKeys::load(&config.auth)
+                .context("failed to load the API keys")?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("failed to bind the dead-letter API to {listen}"))?;
+            tracing::info!(address = %listener.local_addr()?, "dead-letter API listening");
+            let router = api::router(api::DeadLetterApi {
+                config: Arc::new(config.clone()),
+                keys,
+            });
+            Some(tokio::spawn(triage_runtime::admin_http::serve(
+                listener,
+                router,
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     tracing::info!(
         service = SERVICE,
         outputs = ?output_names,
@@ -227,6 +249,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     // delivered covers records that stay uncommitted and will be alerted again.
     tasks.abort_all();
     consumed.context("the dead-letter consumer failed")?;
+    if let Some(task) = api_task {
+        task.await??;
+    }
     admin.task.await??;
     Ok(())
 }

@@ -223,12 +223,14 @@ pub fn republish(dead_letter: &DeadLetter, settings: &AlertSettings) -> Result<R
     })
 }
 
-/// Reads the whole dead-letter topic (up to the high watermarks at start) and returns the
-/// matches, plus the count of records read and of records that are no dead letter. Blocking.
+/// Reads the dead-letter topic up to the high watermarks at start (the whole topic, or only the
+/// last `tail` records of each partition) and returns the matches, plus the count of records
+/// read and of records that are no dead letter. Blocking.
 pub fn read_matches(
     kafka: &KafkaConfig,
     topic: &str,
     args: &ReplayArgs,
+    tail: Option<i64>,
 ) -> anyhow::Result<(Vec<Listed>, usize, usize)> {
     let mut client_config = kafka.client_config("replay");
     client_config
@@ -261,9 +263,13 @@ pub fn read_matches(
         let (low, high) = consumer
             .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
             .with_context(|| format!("failed to read the watermarks of {topic}/{partition}"))?;
-        if high > low {
+        let start = match tail {
+            Some(tail) => low.max(high.saturating_sub(tail)),
+            None => low,
+        };
+        if high > start {
             ends.insert(partition, high);
-            assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
+            assignment.add_partition_offset(topic, partition, Offset::Offset(start))?;
         }
     }
     let mut matches = Vec::new();
@@ -332,7 +338,7 @@ pub async fn replay(
     let topic = config.topics.dead_letters.clone();
     let filter = args.clone();
     let (matches, scanned, undecodable) =
-        tokio::task::spawn_blocking(move || read_matches(&kafka, &topic, &filter))
+        tokio::task::spawn_blocking(move || read_matches(&kafka, &topic, &filter, None))
             .await
             .context("the replay reader panicked")??;
     let settings = AlertSettings::from_config(config);

@@ -132,7 +132,7 @@ impl Fairness {
     pub fn new(config: &TenantsConfig, metrics: WorkerMetrics) -> Result<Self, KeysFileError> {
         let mut labelled: HashSet<String> = config.known.keys().cloned().collect();
         if let Some(path) = &config.keys_file {
-            for (tenant, _) in triage_runtime::auth::read_keys_file(path)? {
+            for (tenant, _, _) in triage_runtime::auth::read_keys_file(path)? {
                 labelled.insert(tenant);
             }
         }

@@ -34,6 +34,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Outbound webhooks, at most one per tenant.
     pub webhooks: WebhooksConfig,
+    /// The triage console (`/console`) on the read API's address.
+    pub console: ConsoleConfig,
     /// Longest wait for the broker to acknowledge a dead letter.
     #[serde(with = "humantime_serde")]
     pub dead_letter_timeout: Duration,
@@ -58,6 +60,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             auth: AuthConfig::default(),
             webhooks: WebhooksConfig::default(),
+            console: ConsoleConfig::default(),
             dead_letter_timeout: Duration::from_secs(10),
         }
     }
@@ -150,6 +153,37 @@ impl Default for ApiConfig {
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Serve the console under `/console`.
+    pub enabled: bool,
+    /// Link of a trace id in the ticket view, `{trace_id}` replaced, e.g.
+    /// `http://jaeger:16686/trace/{trace_id}`; no link when unset.
+    pub trace_url: Option<String>,
+    /// Base URL of dlq-alerter's dead-letter API (its `api.listen`), e.g.
+    /// `http://dlq-alerter:8082`; the dead-letter page is off when unset.
+    pub dead_letters_url: Option<String>,
+    /// lag-autoscaler's lag report, e.g. `http://lag-autoscaler:9090/api/v1/lag`; the health
+    /// page is off when unset.
+    pub lag_url: Option<String>,
+    /// Longest wait for dlq-alerter or lag-autoscaler.
+    #[serde(with = "humantime_serde")]
+    pub upstream_timeout: Duration,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig {
+            enabled: true,
+            trace_url: None,
+            dead_letters_url: None,
+            lag_url: None,
+            upstream_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct WebhooksConfig {
     /// Where each tenant's triages are POSTed.
     pub endpoints: Vec<WebhookEndpoint>,
@@ -222,6 +256,17 @@ impl Validate for Config {
                 database.schema
             ));
         }
+        for (key, url) in [
+            ("console.dead_letters_url", &self.console.dead_letters_url),
+            ("console.lag_url", &self.console.lag_url),
+            ("console.trace_url", &self.console.trace_url),
+        ] {
+            if let Some(url) = url
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                problems.push(format!("{key} must be an http:// or https:// URL"));
+            }
+        }
         if database.pool_size < 2 {
             problems.push("database.pool_size must be at least 2 (writer and read API)".into());
         }
@@ -231,6 +276,7 @@ impl Validate for Config {
             ("database.retry_min_delay", database.retry_min_delay),
             ("batch.max_delay", self.batch.max_delay),
             ("webhooks.timeout", self.webhooks.timeout),
+            ("console.upstream_timeout", self.console.upstream_timeout),
             ("dead_letter_timeout", self.dead_letter_timeout),
         ] {
             if value.is_zero() {

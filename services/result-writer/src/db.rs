@@ -32,6 +32,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "tenant_in_primary_key",
         include_str!("../migrations/0002_tenant_in_primary_key.sql"),
     ),
+    (
+        3,
+        "triage_feedback",
+        include_str!("../migrations/0003_triage_feedback.sql"),
+    ),
 ];
 
 /// Why a database operation failed; [`DbError::failure`] says what that means for the rows.
@@ -241,6 +246,8 @@ pub struct ListFilter {
     pub since: Option<DateTime<Utc>>,
     /// `triaged_at < until`
     pub until: Option<DateTime<Utc>>,
+    /// `confidence < confidence_below`
+    pub confidence_below: Option<f64>,
     pub after: Option<After>,
     pub limit: u32,
 }
@@ -335,6 +342,9 @@ impl Store {
         if let Some(until) = filter.until {
             push("triaged_at < #", Box::new(until));
         }
+        if let Some(below) = filter.confidence_below {
+            push("confidence < #", Box::new(below));
+        }
         if let Some(after) = &filter.after {
             params.push(Box::new(after.triaged_at));
             params.push(Box::new(after.ticket_id.clone()));
@@ -363,6 +373,134 @@ impl Store {
         Ok(rows.iter().map(triage_from_row).collect())
     }
 
+    /// The tenant's rows written after `after` (by `written_at`, then key), oldest first, at most
+    /// `limit`: what a live stream missed while its client was away (`Last-Event-ID`).
+    pub async fn written_after(
+        &self,
+        tenant_id: &str,
+        after: &After,
+        limit: u32,
+    ) -> Result<Vec<Triage>, DbError> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM triage_results
+                 WHERE tenant_id = $1 AND (written_at, ticket_id, prompt_version) > ($2, $3, $4)
+                 ORDER BY written_at, ticket_id, prompt_version LIMIT $5"
+            ))
+            .await?;
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &tenant_id,
+                    &after.triaged_at,
+                    &after.ticket_id,
+                    &after.prompt_version,
+                    &i64::from(limit),
+                ],
+            )
+            .await?;
+        Ok(rows.iter().map(triage_from_row).collect())
+    }
+
+    /// Records an agent's correction of one of the tenant's triages, replacing an earlier one.
+    /// `None` when the tenant has no such triage.
+    pub async fn put_feedback(
+        &self,
+        tenant_id: &str,
+        ticket_id: &str,
+        correction: &Correction,
+    ) -> Result<Option<Feedback>, DbError> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO triage_feedback (tenant_id, ticket_id, prompt_version,
+                     predicted_category, predicted_priority, category, priority, reply, corrected_at)
+                 SELECT tenant_id, ticket_id, prompt_version, category, priority, $4, $5, $6, now()
+                 FROM triage_results
+                 WHERE tenant_id = $1 AND ticket_id = $2 AND prompt_version = $3
+                 ON CONFLICT (tenant_id, ticket_id, prompt_version) DO UPDATE SET
+                     predicted_category = EXCLUDED.predicted_category,
+                     predicted_priority = EXCLUDED.predicted_priority,
+                     category = EXCLUDED.category,
+                     priority = EXCLUDED.priority,
+                     reply = EXCLUDED.reply,
+                     corrected_at = EXCLUDED.corrected_at
+                 RETURNING ticket_id, prompt_version, predicted_category, predicted_priority,
+                     category, priority, reply, corrected_at",
+            )
+            .await?;
+        let row = client
+            .query_opt(
+                &statement,
+                &[
+                    &tenant_id,
+                    &ticket_id,
+                    &correction.prompt_version,
+                    &correction.category,
+                    &correction.priority,
+                    &correction.reply.as_str(),
+                ],
+            )
+            .await?;
+        Ok(row.as_ref().and_then(feedback_from_row))
+    }
+
+    /// The tenant's corrections of one ticket, newest first (one per prompt version).
+    pub async fn feedback(
+        &self,
+        tenant_id: &str,
+        ticket_id: &str,
+    ) -> Result<Vec<Feedback>, DbError> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT ticket_id, prompt_version, predicted_category, predicted_priority,
+                     category, priority, reply, corrected_at
+                 FROM triage_feedback WHERE tenant_id = $1 AND ticket_id = $2
+                 ORDER BY corrected_at DESC",
+            )
+            .await?;
+        let rows = client.query(&statement, &[&tenant_id, &ticket_id]).await?;
+        Ok(rows.iter().filter_map(feedback_from_row).collect())
+    }
+
+    /// Counts of the tenant's corrections in `[since, until)`, per prompt version and
+    /// (predicted, corrected) category, and how many kept the predicted priority.
+    pub async fn agreement_cells(
+        &self,
+        tenant_id: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<AgreementCell>, DbError> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT prompt_version, predicted_category, category, count(*),
+                     count(*) FILTER (WHERE predicted_priority = priority)
+                 FROM triage_feedback
+                 WHERE tenant_id = $1 AND corrected_at >= $2 AND corrected_at < $3
+                 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            )
+            .await?;
+        let rows = client
+            .query(&statement, &[&tenant_id, &since, &until])
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                Some(AgreementCell {
+                    prompt_version: row.try_get(0).ok()?,
+                    predicted: row.try_get(1).ok()?,
+                    corrected: row.try_get(2).ok()?,
+                    count: row.try_get(3).ok()?,
+                    priority_kept: row.try_get(4).ok()?,
+                })
+            })
+            .collect())
+    }
+
     /// One round trip, for `/readyz`.
     pub async fn ping(&self, timeout: Duration) -> Result<(), DbError> {
         let client = self.pool.get().await?;
@@ -372,6 +510,95 @@ impl Store {
             Err(_) => Err(DbError::Build(format!("no answer within {timeout:?}"))),
         }
     }
+}
+
+/// What became of a suggested reply.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplyUse {
+    /// Not said (yet).
+    Unset,
+    Used,
+    Edited,
+    Rejected,
+}
+
+impl ReplyUse {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplyUse::Unset => "unset",
+            ReplyUse::Used => "used",
+            ReplyUse::Edited => "edited",
+            ReplyUse::Rejected => "rejected",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "unset" => Some(ReplyUse::Unset),
+            "used" => Some(ReplyUse::Used),
+            "edited" => Some(ReplyUse::Edited),
+            "rejected" => Some(ReplyUse::Rejected),
+            _ => None,
+        }
+    }
+}
+
+/// An agent's correction, as submitted.
+#[derive(Clone, Debug)]
+pub struct Correction {
+    pub prompt_version: String,
+    pub category: String,
+    pub priority: String,
+    pub reply: ReplyUse,
+}
+
+/// A stored correction.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Feedback {
+    pub ticket_id: String,
+    pub prompt_version: String,
+    /// The triage's category when it was corrected.
+    pub predicted_category: String,
+    pub predicted_priority: String,
+    /// The category the agent settled on (the predicted one when accepted).
+    pub category: String,
+    pub priority: String,
+    pub reply: ReplyUse,
+    pub corrected_at: DateTime<Utc>,
+}
+
+impl Feedback {
+    /// True when the agent kept both the category and the priority.
+    pub fn agreed(&self) -> bool {
+        self.category == self.predicted_category && self.priority == self.predicted_priority
+    }
+}
+
+/// One cell of the agreement counts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgreementCell {
+    pub prompt_version: String,
+    pub predicted: String,
+    pub corrected: String,
+    pub count: i64,
+    /// Of `count`, how many kept the predicted priority.
+    pub priority_kept: i64,
+}
+
+fn feedback_from_row(row: &Row) -> Option<Feedback> {
+    Some(Feedback {
+        ticket_id: row.try_get(0).ok()?,
+        prompt_version: row.try_get(1).ok()?,
+        predicted_category: row.try_get(2).ok()?,
+        predicted_priority: row.try_get(3).ok()?,
+        category: row.try_get(4).ok()?,
+        priority: row.try_get(5).ok()?,
+        reply: ReplyUse::parse(row.try_get(6).ok()?)?,
+        corrected_at: row.try_get(7).ok()?,
+    })
 }
 
 fn triage_from_row(row: &Row) -> Triage {

@@ -8,6 +8,7 @@
 //! - [`db`]: the pool, the embedded migrations, the idempotent upsert and the read queries.
 //! - [`triage`]: a triage row and its conversion from `InferenceResult`.
 //! - [`api`]: the read API (`/v1/...`, live stream, OpenAPI); [`auth`]: API keys and tenants.
+//! - [`console`]: the triage console (`/console`), embedded HTML/CSS/JS on the read API's port.
 //! - [`webhook`]: signed outbound webhooks, off the database path.
 //! - [`metrics`]: the writer's metrics.
 //!
@@ -33,6 +34,7 @@ pub mod api;
 pub use triage_runtime::auth;
 pub mod batch;
 pub mod config;
+pub mod console;
 pub mod db;
 pub mod handler;
 pub mod metrics;
@@ -111,14 +113,24 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("failed to bind the read API to {}", config.api.listen))?;
     tracing::info!(address = %api_listener.local_addr()?, "read API listening");
-    let api_router = api::router(api::ApiState {
+    let mut api_router = api::router(api::ApiState {
         store: store.clone(),
-        keys,
+        keys: keys.clone(),
         published_tx: published_tx.clone(),
         max_page_size: config.api.max_page_size,
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
     });
+    if config.console.enabled {
+        let http = reqwest::Client::builder()
+            .build()
+            .context("failed to build the console's HTTP client")?;
+        api_router = api_router.merge(console::router(console::ConsoleState {
+            keys,
+            config: config.console.clone(),
+            http,
+        }));
+    }
     let api_task = tokio::spawn(triage_runtime::admin_http::serve(
         api_listener,
         api_router,

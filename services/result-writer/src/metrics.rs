@@ -16,8 +16,17 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// A correction: did the agent keep the triage, and what became of the reply.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FeedbackLabels {
+    pub agreed: &'static str,
+    pub reply: &'static str,
+}
+
 #[derive(Clone)]
 pub struct WriterMetrics {
+    /// Corrections stored, by agreement and reply use.
+    pub feedback: Family<FeedbackLabels, Counter>,
     /// Rows inserted or replaced.
     pub rows_written: Counter,
     /// Results that changed nothing (a replay, or older than the stored triage).
@@ -36,6 +45,7 @@ pub struct WriterMetrics {
 impl WriterMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = WriterMetrics {
+            feedback: Family::default(),
             rows_written: Counter::default(),
             results_unchanged: Counter::default(),
             batch_rows: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
@@ -47,6 +57,11 @@ impl WriterMetrics {
             webhook_dropped: Counter::default(),
             stream_clients: Gauge::default(),
         };
+        registry.register(
+            "result_writer_feedback",
+            "Corrections of triages by agents: agreed (category and priority kept) and reply use",
+            metrics.feedback.clone(),
+        );
         registry.register(
             "result_writer_rows_written",
             "Triage rows inserted or replaced",
@@ -98,5 +113,17 @@ impl WriterMetrics {
             metrics.stream_clients.clone(),
         );
         metrics
+    }
+}
+
+impl WriterMetrics {
+    /// Counts one stored correction.
+    pub fn feedback(&self, stored: &crate::db::Feedback) {
+        self.feedback
+            .get_or_create(&FeedbackLabels {
+                agreed: if stored.agreed() { "true" } else { "false" },
+                reply: stored.reply.as_str(),
+            })
+            .inc();
     }
 }

@@ -325,6 +325,7 @@ mod tests {
         config.auth.keys.push(ApiKeyEntry {
             tenant: String::new(),
             key_sha256: Secret::new("not-a-digest"),
+            role: Default::default(),
         });
         config.ingress.max_json_depth = 0;
         config.dispatch.prompt.categories.clear();

@@ -28,6 +28,9 @@ pub struct DemoOptions {
     pub pipeline: Options,
     pub tickets_file: PathBuf,
     pub timeout: Duration,
+    /// Time to open the console before the sample tickets are sent, so that a newcomer watches
+    /// them arrive (`TRIAGE_DEMO_CONSOLE_WAIT`, seconds; none for tests).
+    pub console_wait: Duration,
 }
 
 impl DemoOptions {
@@ -53,6 +56,16 @@ impl DemoOptions {
             pipeline,
             tickets_file: workspace_root().join("deploy/demo/tickets.jsonl"),
             timeout: Duration::from_secs(300),
+            console_wait: if once {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(
+                    std::env::var("TRIAGE_DEMO_CONSOLE_WAIT")
+                        .ok()
+                        .and_then(|text| text.parse().ok())
+                        .unwrap_or(20),
+                )
+            },
         }
     }
 }
@@ -79,6 +92,10 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
         "demo: triage read API {}/v1/triage  (stream: /v1/triage/stream)  API key: {}",
         pipeline.results_url, pipeline.api_key
     );
+    println!(
+        "demo: triage console  {}  sign in with API key: {}  (tenant {}, admin)",
+        pipeline.console_url, pipeline.api_key, pipeline.tenant
+    );
     for (service, url) in pipeline.admin_urls() {
         println!("demo: {service:<17} {url}/metrics  {url}/readyz");
     }
@@ -98,6 +115,14 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
         pipeline.run_dir().display()
     );
 
+    if !options.console_wait.is_zero() {
+        println!(
+            "demo: open {} now and sign in; the sample tickets are sent in {} s",
+            pipeline.console_url,
+            options.console_wait.as_secs()
+        );
+        tokio::time::sleep(options.console_wait).await;
+    }
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..6].to_owned();
     let tickets = std::fs::read_to_string(&options.tickets_file)?;
     let mut pending: Vec<(String, String)> = Vec::new();

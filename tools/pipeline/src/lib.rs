@@ -60,6 +60,17 @@ pub struct Options {
     pub otlp_endpoint: Option<String>,
     /// Window in which dlq-alerter folds failures of one class into a summary.
     pub alert_window: Duration,
+    /// Tenants besides `demo` and their API keys (tests of isolation and roles).
+    pub extra_keys: Vec<TenantKey>,
+}
+
+/// One API key of a tenant, in clear (the key file gets its digest).
+#[derive(Clone, Debug)]
+pub struct TenantKey {
+    pub tenant: String,
+    pub key: String,
+    /// The `admin` role: may replay the tenant's dead letters from the console.
+    pub admin: bool,
 }
 
 impl Options {
@@ -75,6 +86,7 @@ impl Options {
             partitions: 6,
             otlp_endpoint: None,
             alert_window: Duration::from_secs(10),
+            extra_keys: Vec::new(),
         }
     }
 }
@@ -135,6 +147,8 @@ pub struct Pipeline {
     pub http_url: String,
     pub grpc_url: String,
     pub results_url: String,
+    /// The triage console (result-writer's `/console/`).
+    pub console_url: String,
     pub sim_url: Option<String>,
     pub sink: sink::Sink,
     run_dir: PathBuf,
@@ -186,10 +200,18 @@ impl Pipeline {
         let tenant = "demo".to_owned();
         let api_key = format!("tk_demo_{}", uuid::Uuid::new_v4().simple());
         let keys_file = run_dir.join("api-keys");
-        std::fs::write(
-            &keys_file,
-            format!("{tenant}:{}\n", hex::encode(Sha256::digest(&api_key))),
-        )?;
+        // The demo key is an admin: a newcomer may replay the demo's dead letters in the console.
+        let mut keys_text = format!("{tenant}:{}:admin\n", hex::encode(Sha256::digest(&api_key)));
+        for extra in &options.extra_keys {
+            let _ = writeln!(
+                keys_text,
+                "{}:{}{}",
+                extra.tenant,
+                hex::encode(Sha256::digest(&extra.key)),
+                if extra.admin { ":admin" } else { "" }
+            );
+        }
+        std::fs::write(&keys_file, keys_text)?;
 
         let sink = sink::Sink::start().await?;
         let (sim, sim_url, base_url, llm_key, model, rpm) = match &options.llm {
@@ -237,6 +259,7 @@ impl Pipeline {
         let http_port = free_port();
         let grpc_port = free_port();
         let results_port = free_port();
+        let dead_letters_port = free_port();
         let common = |telemetry: &mut String| {
             let _ = writeln!(
                 telemetry,
@@ -297,10 +320,12 @@ impl Pipeline {
         common(&mut alerter_toml);
         let _ = writeln!(
             alerter_toml,
-            "[consumer]\ngroup_id = {:?}\n[slack]\nwebhook_url = \"{}/slack\"\n[aggregation]\nwindow = \"{}ms\"\n[topic_provisioning]\npartitions = {partitions}",
+            "[consumer]\ngroup_id = {:?}\n[slack]\nwebhook_url = \"{}/slack\"\n[aggregation]\nwindow = \"{}ms\"\n[topic_provisioning]\npartitions = {partitions}\n\
+             [api]\nlisten = \"127.0.0.1:{dead_letters_port}\"\n[auth]\nkeys_file = {:?}",
             names.group("dlq-alerter"),
             sink.url,
             options.alert_window.as_millis(),
+            keys_file.display().to_string(),
         );
         let mut autoscaler_toml = String::new();
         common(&mut autoscaler_toml);
@@ -335,7 +360,6 @@ impl Pipeline {
         let configs = [
             ("ticket-publisher", publisher_toml),
             ("inference-worker", worker_toml),
-            ("result-writer", writer_toml),
             ("dlq-alerter", alerter_toml),
             ("lag-autoscaler", autoscaler_toml),
         ];
@@ -343,10 +367,17 @@ impl Pipeline {
             std::fs::write(run_dir.join(format!("{service}.toml")), toml)?;
         }
         let spawn = |service: &str| spawn_service(&run_dir, service);
+        // The console shows lag-autoscaler's report, whose admin port is known once it runs.
+        let autoscaler = spawn("lag-autoscaler");
+        let _ = writeln!(
+            writer_toml,
+            "[console]\ndead_letters_url = \"http://127.0.0.1:{dead_letters_port}\"\nlag_url = {:?}",
+            autoscaler.admin_url("/api/v1/lag")
+        );
+        std::fs::write(run_dir.join("result-writer.toml"), &writer_toml)?;
         let publisher = spawn("ticket-publisher");
         let writer = spawn("result-writer");
         let alerter = spawn("dlq-alerter");
-        let autoscaler = spawn("lag-autoscaler");
         let workers: Vec<ServiceProcess> = (0..options.workers)
             .map(|_| spawn("inference-worker"))
             .collect();
@@ -357,6 +388,7 @@ impl Pipeline {
             http_url: format!("http://127.0.0.1:{http_port}"),
             grpc_url: format!("http://127.0.0.1:{grpc_port}"),
             results_url: format!("http://127.0.0.1:{results_port}"),
+            console_url: format!("http://127.0.0.1:{results_port}/console/"),
             sim_url,
             sink,
             run_dir,

@@ -46,6 +46,7 @@ pub fn config(ctx: &TestContext) -> Config {
         .map(|(tenant, key)| ApiKeyEntry {
             tenant: tenant.into(),
             key_sha256: Secret::new(hex::encode(Sha256::digest(key.as_bytes()))),
+            role: Default::default(),
         })
         .collect();
     config
