@@ -285,11 +285,12 @@ function openTicket(key) {
   $("correct-status").textContent = "";
   $("copy-status").textContent = "";
   loadFeedback(entry.triage);
-  $("ticket-title").focus();
+  $("ticket-title").focus({ preventScroll: true });
 }
 
 function showTicket(t) {
   $("ticket").hidden = false;
+  document.querySelector(".split").classList.add("with-ticket");
   $("ticket-title").textContent = "Ticket " + t.ticket_id;
   $("t-category").textContent = t.category;
   $("t-priority").textContent = t.priority;
@@ -453,8 +454,18 @@ async function loadHealth() {
 function drawChart() {
   const svg = $("chart");
   const ns = "http://www.w3.org/2000/svg";
-  const points = state.lagSeries;
+  // One sample draws as a flat line, not as nothing.
+  const points = state.lagSeries.length === 1 ? [state.lagSeries[0], state.lagSeries[0]] : state.lagSeries;
   const width = 600, height = 160, pad = 6;
+  const label = (text, y, colour) => {
+    const node = document.createElementNS(ns, "text");
+    node.setAttribute("x", String(width - pad));
+    node.setAttribute("y", String(y));
+    node.setAttribute("text-anchor", "end");
+    node.setAttribute("fill", colour);
+    node.textContent = text;
+    return node;
+  };
   const line = (values, colour) => {
     const max = Math.max(1, ...values);
     const step = values.length > 1 ? (width - 2 * pad) / (values.length - 1) : 0;
@@ -465,7 +476,10 @@ function drawChart() {
     path.setAttribute("stroke-width", "2");
     return path;
   };
-  svg.replaceChildren(line(points.map((p) => p.lag), "#1d4ed8"), line(points.map((p) => p.rate), "#15803d"));
+  const lags = points.map((p) => p.lag), rates = points.map((p) => p.rate);
+  svg.replaceChildren(line(lags, "#1d4ed8"), line(rates, "#15803d"),
+    label("lag now " + lags[lags.length - 1] + " (top " + Math.max(1, ...lags) + ")", 16, "#1d4ed8"),
+    label("triages/min now " + rates[rates.length - 1] + " (top " + Math.max(1, ...rates) + ")", 32, "#15803d"));
 }
 
 // ---------- wiring ----------

@@ -453,7 +453,7 @@ pub async fn stream_triage(
         resumed_to = Some(
             rows.iter()
                 .take(state.max_page_size as usize)
-                .last()
+                .next_back()
                 .map(|last| {
                     (
                         last.written_at,
