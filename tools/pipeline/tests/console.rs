@@ -337,6 +337,39 @@ async fn the_console_shows_corrects_replays_and_isolates_tenants() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    // A few more, so that the feed (and its screenshot) shows several categories.
+    let more: Vec<String> = ["outage", "bug", "feature"]
+        .iter()
+        .map(|kind| format!("{kind}-{run}"))
+        .collect();
+    for (ticket, subject, description) in [
+        (
+            &more[0],
+            "Site down",
+            "The whole service is down, nothing loads for any of our users",
+        ),
+        (
+            &more[1],
+            "Export crashes",
+            "There is a bug: the CSV export crashes with an error every time",
+        ),
+        (
+            &more[2],
+            "Dark mode",
+            "Feature request: please add a dark mode to the dashboard",
+        ),
+    ] {
+        submit(&pipeline, &admin_key, ticket, subject, description).await;
+    }
+    for ticket in &more {
+        wait_js(
+            &client,
+            &row_present(ticket),
+            Duration::from_secs(60),
+            "the extra tickets",
+        )
+        .await;
+    }
     wait_js(
         &client,
         "window.__notReloaded === true",
