@@ -866,6 +866,8 @@ impl WorkerHandler {
                 .as_ref()
                 .map(|sim| format!("answered by {sim}, a simulator, not a language model"))
                 .unwrap_or_default(),
+            subject: task.subject.clone(),
+            excerpt: task.excerpt.clone(),
         }
     }
 
@@ -891,6 +893,9 @@ impl WorkerHandler {
         if provenance == Provenance::Cache {
             result.from_cache = true;
             result.task_id = task.task_id.clone();
+            // A result cached before the task carried them has none; this task's are current.
+            result.subject = task.subject.clone();
+            result.excerpt = task.excerpt.clone();
         }
         let sent = self
             .producer

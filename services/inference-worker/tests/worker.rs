@@ -49,6 +49,13 @@ async fn triages_every_task_once_and_answers_repeats_from_the_cache() {
         );
         assert!(result.suggested_reply.starts_with("[llm-sim]"));
         assert!(result.triaged_at.is_some() && result.accepted_at.is_some());
+        let task = batch.iter().find(|t| t.ticket_id == result.ticket_id).unwrap();
+        assert_eq!(
+            (&result.subject, &result.excerpt),
+            (&task.subject, &task.excerpt),
+            "the ticket's text travels with its result"
+        );
+        assert!(!result.subject.is_empty() && !result.excerpt.is_empty());
     }
     let billing = first.iter().find(|r| r.ticket_id.ends_with("-t0")).unwrap();
     assert_eq!(billing.category, "billing");
@@ -61,6 +68,13 @@ async fn triages_every_task_once_and_answers_repeats_from_the_cache() {
     assert!(
         second.iter().all(|r| r.from_cache),
         "repeats come from the cache"
+    );
+    assert!(
+        second.iter().all(|r| {
+            let task = batch.iter().find(|t| t.ticket_id == r.ticket_id).unwrap();
+            (&r.subject, &r.excerpt) == (&task.subject, &task.excerpt)
+        }),
+        "a cached answer carries the task's ticket text"
     );
     assert_eq!(sim.paid_total(), 40, "nothing paid twice");
     assert!(

@@ -303,8 +303,27 @@ function showTicket(t) {
   const latency = t.accepted_at ? (new Date(t.triaged_at) - new Date(t.accepted_at)) : null;
   $("t-latency").textContent = latency === null ? "unknown" : (latency / 1000).toFixed(2) + " s from acceptance to triage";
   $("t-note").textContent = t.provider_note || "—";
+  $("t-subject").textContent = t.subject || "(no subject recorded)";
+  $("t-excerpt").textContent = t.excerpt || "(no description recorded)";
+  showTrace(t.trace_id);
   $("c-category").value = t.category;
   $("c-priority").value = t.priority;
+}
+
+// The trace id, linked to the configured trace UI when there is one.
+function showTrace(traceId) {
+  const cell = $("t-trace");
+  cell.replaceChildren();
+  if (!traceId) { cell.textContent = "—"; return; }
+  const template = state.settings.trace_url;
+  if (!template) { cell.textContent = traceId; return; }
+  const link = document.createElement("a");
+  link.href = template.replaceAll("{trace_id}", encodeURIComponent(traceId));
+  link.target = "_blank";
+  link.rel = "noopener noreferrer";
+  link.textContent = traceId;
+  link.id = "t-trace-link";
+  cell.append(link);
 }
 
 async function loadFeedback(t) {
@@ -399,9 +418,12 @@ async function loadDeadLetters() {
   const status = $("dl-status");
   const body = $("dl-table").tBodies[0];
   if (!state.settings.dead_letters) { status.textContent = "The dead-letter page is not configured on this server."; return; }
+  // Two loads may overlap (sign-in and navigation): only the latest one draws the list.
+  const load = (state.deadLetterLoad = (state.deadLetterLoad || 0) + 1);
   status.textContent = "Loading…";
   try {
     const list = await api("/console/api/dead-letters?limit=50");
+    if (load !== state.deadLetterLoad) return;
     status.textContent = list.items.length === 0 ? "No recent dead letter for this tenant." : list.items.length + " recent dead letters, newest first.";
     body.replaceChildren(...list.items.map((d) => {
       const button = el("button", { type: "button", class: "secondary", "data-id": d.dead_letter_id, text: "Replay" });

@@ -304,6 +304,9 @@ mod tests {
                 source_partition: 0,
                 source_offset: 0,
                 provider_note: String::new(),
+                subject: None,
+                excerpt: None,
+                trace_id: None,
             },
             written_tx,
         }

@@ -37,6 +37,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "triage_feedback",
         include_str!("../migrations/0003_triage_feedback.sql"),
     ),
+    (
+        4,
+        "ticket_text_and_trace",
+        include_str!("../migrations/0004_ticket_text_and_trace.sql"),
+    ),
 ];
 
 /// Why a database operation failed; [`DbError::failure`] says what that means for the rows.
@@ -201,11 +206,12 @@ const UPSERT: &str = "
 INSERT INTO triage_results (
     ticket_id, tenant_id, prompt_version, category, priority, suggested_reply, confidence, model,
     prompt_tokens, completion_tokens, cost_usd, ticket_created_at, accepted_at, triaged_at,
-    source_partition, source_offset, provider_note, written_at)
+    source_partition, source_offset, provider_note, subject, excerpt, trace_id, written_at)
 SELECT batch.*, now() FROM UNNEST(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::float8[],
     $8::text[], $9::int8[], $10::int8[], $11::float8[], $12::timestamptz[], $13::timestamptz[],
-    $14::timestamptz[], $15::int4[], $16::int8[], $17::text[]) AS batch
+    $14::timestamptz[], $15::int4[], $16::int8[], $17::text[], $18::text[], $19::text[],
+    $20::text[]) AS batch
 ON CONFLICT (tenant_id, ticket_id, prompt_version) DO UPDATE SET
     category = EXCLUDED.category,
     priority = EXCLUDED.priority,
@@ -221,13 +227,17 @@ ON CONFLICT (tenant_id, ticket_id, prompt_version) DO UPDATE SET
     source_partition = EXCLUDED.source_partition,
     source_offset = EXCLUDED.source_offset,
     provider_note = EXCLUDED.provider_note,
+    subject = EXCLUDED.subject,
+    excerpt = EXCLUDED.excerpt,
+    trace_id = EXCLUDED.trace_id,
     written_at = EXCLUDED.written_at
 WHERE EXCLUDED.triaged_at > triage_results.triaged_at
 RETURNING tenant_id, ticket_id, prompt_version, written_at";
 
 const COLUMNS: &str = "ticket_id, tenant_id, prompt_version, category, priority, suggested_reply, \
     confidence, model, prompt_tokens, completion_tokens, cost_usd, ticket_created_at, \
-    accepted_at, triaged_at, source_partition, source_offset, provider_note, written_at";
+    accepted_at, triaged_at, source_partition, source_offset, provider_note, subject, excerpt, \
+    trace_id, written_at";
 
 /// Where `GET /v1/triage` continues: the last row of the previous page, in keyset order.
 #[derive(Clone, Debug, PartialEq)]
@@ -620,6 +630,9 @@ fn triage_from_row(row: &Row) -> Triage {
         source_partition: row.get("source_partition"),
         source_offset: row.get("source_offset"),
         provider_note: row.get("provider_note"),
+        subject: row.get("subject"),
+        excerpt: row.get("excerpt"),
+        trace_id: row.get("trace_id"),
         written_at: row.get("written_at"),
     }
 }
@@ -643,6 +656,9 @@ struct Columns<'a> {
     source_partition: Vec<i32>,
     source_offset: Vec<i64>,
     provider_note: Vec<&'a str>,
+    subject: Vec<Option<&'a str>>,
+    excerpt: Vec<Option<&'a str>>,
+    trace_id: Vec<Option<&'a str>>,
 }
 
 impl<'a> Columns<'a> {
@@ -666,10 +682,13 @@ impl<'a> Columns<'a> {
             source_partition: rows.iter().map(|r| r.source_partition).collect(),
             source_offset: rows.iter().map(|r| r.source_offset).collect(),
             provider_note: rows.iter().map(|r| r.provider_note.as_str()).collect(),
+            subject: rows.iter().map(|r| r.subject.as_deref()).collect(),
+            excerpt: rows.iter().map(|r| r.excerpt.as_deref()).collect(),
+            trace_id: rows.iter().map(|r| r.trace_id.as_deref()).collect(),
         }
     }
 
-    fn params(&self) -> [&(dyn ToSql + Sync); 17] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 20] {
         [
             &self.ticket_id,
             &self.tenant_id,
@@ -688,6 +707,9 @@ impl<'a> Columns<'a> {
             &self.source_partition,
             &self.source_offset,
             &self.provider_note,
+            &self.subject,
+            &self.excerpt,
+            &self.trace_id,
         ]
     }
 }

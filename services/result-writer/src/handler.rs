@@ -79,6 +79,7 @@ impl RecordHandler for ResultHandler {
                 record,
             };
         }
+        let trace = headers::extract_trace_context(record.headers());
         let source = Source {
             partition: record.partition(),
             offset: record.offset(),
@@ -86,12 +87,10 @@ impl RecordHandler for ResultHandler {
                 .timestamp()
                 .to_millis()
                 .and_then(DateTime::from_timestamp_millis),
+            trace_id: headers::trace_id(&trace),
         };
         match NewTriage::from_result(result, source) {
-            Ok(triage) => {
-                let trace = headers::extract_trace_context(record.headers());
-                Item::Triage(Box::new(triage), trace, record)
-            }
+            Ok(triage) => Item::Triage(Box::new(triage), trace, record),
             Err(error) => Item::Reject {
                 class: ErrorClass::InvalidEvent,
                 message: error.to_string(),

@@ -25,6 +25,9 @@ pub struct NewTriage {
     pub source_partition: i32,
     pub source_offset: i64,
     pub provider_note: String,
+    pub subject: Option<String>,
+    pub excerpt: Option<String>,
+    pub trace_id: Option<String>,
 }
 
 /// A stored triage, as the read API, the live stream and the webhooks show it.
@@ -51,6 +54,13 @@ pub struct Triage {
     pub source_offset: i64,
     /// Set when the answer came from a simulator, not a real model.
     pub provider_note: String,
+    /// The ticket's subject; absent for results from before it was carried.
+    pub subject: Option<String>,
+    /// The start of the ticket's description (at most 280 characters); absent like `subject`.
+    pub excerpt: Option<String>,
+    /// The W3C trace id (32 hex digits) of the result record's trace context, for a link to the
+    /// trace UI; absent when the record carried none.
+    pub trace_id: Option<String>,
     /// When the row was (last) written.
     pub written_at: DateTime<Utc>,
 }
@@ -75,6 +85,9 @@ impl Triage {
             source_partition: new.source_partition,
             source_offset: new.source_offset,
             provider_note: new.provider_note,
+            subject: new.subject,
+            excerpt: new.excerpt,
+            trace_id: new.trace_id,
             written_at,
         }
     }
@@ -94,12 +107,14 @@ pub enum InvalidResult {
 }
 
 /// Where a result record came from.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Source {
     pub partition: i32,
     pub offset: i64,
     /// The record's timestamp, used when the result lacks `triaged_at`.
     pub timestamp: Option<DateTime<Utc>>,
+    /// The trace id of the record's `traceparent`, when it has a valid one.
+    pub trace_id: Option<String>,
 }
 
 impl NewTriage {
@@ -150,12 +165,27 @@ impl NewTriage {
             source_partition: source.partition,
             source_offset: source.offset,
             provider_note: result.provider_note,
+            subject: display_text(result.subject),
+            excerpt: display_text(result.excerpt),
+            trace_id: source.trace_id,
         })
     }
 
     /// The row's primary key: (tenant, ticket, prompt version).
     pub fn key(&self) -> (&str, &str, &str) {
         (&self.tenant_id, &self.ticket_id, &self.prompt_version)
+    }
+}
+
+/// Text shown, never matched on: empty means absent, and a NUL (which PostgreSQL text cannot
+/// hold) is dropped rather than costing the triage.
+fn display_text(text: String) -> Option<String> {
+    if text.is_empty() {
+        None
+    } else if text.contains('\0') {
+        Some(text.replace('\0', ""))
+    } else {
+        Some(text)
     }
 }
 
@@ -177,7 +207,37 @@ mod tests {
             partition: 2,
             offset: 41,
             timestamp: DateTime::from_timestamp(1_700_000_000, 0),
+            trace_id: None,
         }
+    }
+
+    #[test]
+    fn subject_excerpt_and_trace_id_are_kept_and_empty_means_absent() {
+        let result = InferenceResult {
+            ticket_id: "t-1".into(),
+            tenant_id: "acme".into(),
+            subject: "Charged twice".into(),
+            excerpt: "My card\0 was charged".into(),
+            ..Default::default()
+        };
+        let traced = Source {
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+            ..source()
+        };
+        let row = NewTriage::from_result(result.clone(), traced).unwrap();
+        assert_eq!(row.subject.as_deref(), Some("Charged twice"));
+        assert_eq!(row.excerpt.as_deref(), Some("My card was charged"));
+        assert_eq!(
+            row.trace_id.as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        let old = InferenceResult {
+            subject: String::new(),
+            excerpt: String::new(),
+            ..result
+        };
+        let row = NewTriage::from_result(old, source()).unwrap();
+        assert_eq!((row.subject, row.excerpt, row.trace_id), (None, None, None));
     }
 
     #[test]

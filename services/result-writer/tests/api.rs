@@ -44,6 +44,9 @@ fn row(tenant: &str, ticket: &str, second: i64, category: &str) -> NewTriage {
         source_partition: 0,
         source_offset: second,
         provider_note: String::new(),
+        subject: None,
+        excerpt: None,
+        trace_id: None,
     }
 }
 
@@ -221,7 +224,8 @@ async fn the_tenant_key_migration_keeps_existing_rows() {
         ..Default::default()
     };
     let pool = db::connect(&config).unwrap();
-    assert_eq!(db::migrate(&pool, &ctx.db_schema).await.unwrap(), 1);
+    // The three later migrations: the tenant in the key, feedback, ticket text and trace.
+    assert_eq!(db::migrate(&pool, &ctx.db_schema).await.unwrap(), 3);
     let rows = database.query("WHERE ticket_id = 'old-1'").await;
     assert_eq!(rows.len(), 1, "the existing row survives the migration");
     assert_eq!(rows[0].get::<_, String>("category"), "billing");

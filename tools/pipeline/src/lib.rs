@@ -58,6 +58,8 @@ pub struct Options {
     pub partitions: i32,
     /// OTLP/HTTP traces endpoint for every service.
     pub otlp_endpoint: Option<String>,
+    /// The console's trace link template (`console.trace_url`), `{trace_id}` replaced.
+    pub trace_url: Option<String>,
     /// Window in which dlq-alerter folds failures of one class into a summary.
     pub alert_window: Duration,
     /// Tenants besides `demo` and their API keys (tests of isolation and roles).
@@ -85,6 +87,7 @@ impl Options {
             dispatch_lanes: 2,
             partitions: 6,
             otlp_endpoint: None,
+            trace_url: None,
             alert_window: Duration::from_secs(10),
             extra_keys: Vec::new(),
         }
@@ -374,6 +377,9 @@ impl Pipeline {
             "[console]\ndead_letters_url = \"http://127.0.0.1:{dead_letters_port}\"\nlag_url = {:?}",
             autoscaler.admin_url("/api/v1/lag")
         );
+        if let Some(template) = &options.trace_url {
+            let _ = writeln!(writer_toml, "trace_url = {template:?}");
+        }
         std::fs::write(run_dir.join("result-writer.toml"), &writer_toml)?;
         let publisher = spawn("ticket-publisher");
         let writer = spawn("result-writer");

@@ -7,7 +7,8 @@
 //! reaches the read API and the accuracy table; a dead letter is replayed by the admin and
 //! refused to the member; tenant `globex` never sees `demo`'s tickets. Any SEVERE entry in the
 //! browser's log (a JavaScript error, a failed request the page did not expect) fails the test.
-//! The screenshots of `docs/console/` are taken on the way.
+//! Screenshots are taken on the way, into `target/console-screenshots/`; with
+//! `CONSOLE_SCREENSHOTS=docs` they replace the ones of `docs/console/` instead.
 
 use std::{
     net::TcpStream,
@@ -19,10 +20,11 @@ use std::{
 use fantoccini::{Client, ClientBuilder, Locator, elements::Element};
 use pipeline::{Options, Pipeline, TenantKey};
 use serde_json::{Value, json};
-use triage_test_support::{free_port, workspace_root};
+use triage_test_support::{free_port, target_dir, workspace_root};
 
 const MEMBER_KEY: &str = "tk_demo_member_console_test";
 const GLOBEX_KEY: &str = "tk_globex_console_test";
+const TRACE_URL: &str = "https://tempo.example/trace/{trace_id}";
 
 /// chromedriver on a free port, killed on drop.
 struct Driver {
@@ -178,9 +180,41 @@ async fn sign_out(client: &Client) {
 
 async fn screenshot(client: &Client, name: &str) {
     let png = client.screenshot().await.unwrap();
-    let dir: PathBuf = workspace_root().join("docs/console");
+    // `make test` runs on clean clones: the documented screenshots change only when asked.
+    let dir: PathBuf = if std::env::var("CONSOLE_SCREENSHOTS").as_deref() == Ok("docs") {
+        workspace_root().join("docs/console")
+    } else {
+        target_dir().join("console-screenshots")
+    };
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+}
+
+/// Clicks a dead letter's button once the list has loaded; the page may still redraw the list
+/// (a second load after the sign-in), so a stale element is looked up again until a deadline.
+async fn click_when_settled(client: &Client, css: &str) {
+    wait_js(
+        client,
+        "document.getElementById('dl-status').textContent.endsWith('newest first.')",
+        Duration::from_secs(20),
+        "the dead-letter list loaded",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let clicked = match client.find(Locator::Css(css)).await {
+            Ok(element) => element.click().await,
+            Err(error) => Err(error),
+        };
+        match clicked {
+            Ok(()) => return,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("clicking {css} again: {error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("cannot click {css}: {error}"),
+        }
+    }
 }
 
 fn row_present(ticket: &str) -> String {
@@ -227,6 +261,7 @@ async fn the_console_shows_corrects_replays_and_isolates_tenants() {
     };
     options.partitions = 2;
     options.alert_window = Duration::from_secs(1);
+    options.trace_url = Some(TRACE_URL.into());
     options.extra_keys = vec![
         TenantKey {
             tenant: "demo".into(),
@@ -457,6 +492,30 @@ async fn the_console_shows_corrects_replays_and_isolates_tenants() {
         "a suggested reply is shown"
     );
     assert!(text(&client, "t-model").await.contains("gpt-4o-mini"));
+    // What the ticket says, and its trace in the trace UI.
+    assert_eq!(text(&client, "t-subject").await, "Cannot log in");
+    assert_eq!(
+        text(&client, "t-excerpt").await,
+        "I cannot log in, the password reset link does not work"
+    );
+    let trace_id = login_triage["trace_id"]
+        .as_str()
+        .expect("the read API has the result's trace id")
+        .to_owned();
+    assert!(
+        trace_id.len() == 32 && trace_id.chars().all(|c| c.is_ascii_hexdigit()),
+        "{trace_id}"
+    );
+    assert_eq!(login_triage["subject"], "Cannot log in");
+    let href = by_id(&client, "t-trace-link")
+        .await
+        .attr("href")
+        .await
+        .unwrap();
+    assert_eq!(
+        href.as_deref(),
+        Some(TRACE_URL.replace("{trace_id}", &trace_id).as_str())
+    );
     by_id(&client, "c-category")
         .await
         .find(Locator::Css("option[value=billing]"))
@@ -631,13 +690,7 @@ async fn the_console_shows_corrects_replays_and_isolates_tenants() {
         "the dead-letter list",
     )
     .await;
-    client
-        .find(Locator::Css("#dl-table tbody tr button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click_when_settled(&client, "#dl-table tbody tr button").await;
     wait_js(
         &client,
         "document.getElementById('dl-status').textContent.startsWith('Refused')",
@@ -672,13 +725,7 @@ async fn the_console_shows_corrects_replays_and_isolates_tenants() {
         "the dead-letter list",
     )
     .await;
-    client
-        .find(Locator::Css("#dl-table tbody tr button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click_when_settled(&client, "#dl-table tbody tr button").await;
     wait_js(
         &client,
         "document.getElementById('dl-status').textContent.startsWith('Replayed')",

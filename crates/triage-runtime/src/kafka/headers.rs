@@ -85,6 +85,16 @@ pub fn extract_trace_context<H: Headers>(headers: Option<&H>) -> opentelemetry::
     }
 }
 
+/// The trace id of `context`'s remote span (32 lowercase hex digits, as in `traceparent` and
+/// every trace UI), or `None` when it has no valid one.
+pub fn trace_id(context: &opentelemetry::Context) -> Option<String> {
+    let span = context.span();
+    let span_context = span.span_context();
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
+}
+
 /// The context to put in an outgoing record's headers: `span`'s, so that the consumer's span
 /// becomes its child; or, when the span is disabled (no subscriber, a filtered level), the
 /// caller's `parent`, so the trace still continues.
@@ -192,6 +202,10 @@ mod tests {
             extracted.span().span_context().trace_id(),
             TraceId::from(7u128)
         );
+        assert_eq!(
+            trace_id(&extracted).as_deref(),
+            Some("00000000000000000000000000000007")
+        );
     }
 
     #[test]
@@ -202,6 +216,7 @@ mod tests {
             &opentelemetry::Context::new(),
         );
         assert_eq!(get_str(Some(&headers), TRACEPARENT), None);
+        assert_eq!(trace_id(&extract_trace_context(Some(&headers))), None);
         assert!(
             !extract_trace_context(Some(&headers))
                 .span()

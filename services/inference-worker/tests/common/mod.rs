@@ -227,6 +227,8 @@ pub fn task(ticket_id: &str, text: &str) -> InferenceTask {
         taxonomy: Some(Taxonomy::pipeline_default()),
         idempotency_key: triage_proto::idempotency_key("acme", ticket_id, prompt_version, MODEL),
         accepted_at: Some(triage_proto::timestamp(std::time::SystemTime::now())),
+        subject: format!("Ticket {ticket_id}"),
+        excerpt: text.chars().take(280).collect(),
         ..Default::default()
     }
 }

@@ -105,6 +105,21 @@ pub fn render(
         dispatched_at: Some(triage_proto::timestamp(SystemTime::now())),
         truncated,
         replay_count: 0,
+        subject: event.subject.clone(),
+        excerpt: excerpt(&event.description, EXCERPT_CHARS),
+    }
+}
+
+/// How many characters of the description travel with the task and its result as the excerpt
+/// the triage console shows: enough to recognise the ticket, small enough for every record.
+pub const EXCERPT_CHARS: usize = 280;
+
+/// The first `max_chars` characters of `text` (cut on a character boundary, never inside one),
+/// with an ellipsis when something was cut.
+pub fn excerpt(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        Some((end, _)) => format!("{}…", text.get(..end).unwrap_or_default().trim_end()),
+        None => text.to_owned(),
     }
 }
 
@@ -186,6 +201,25 @@ mod tests {
             channel: "email".into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_task_carries_the_subject_and_an_excerpt_cut_on_a_char_boundary() {
+        let prompt = PromptConfig::default();
+        let short = render(&event("Please refund me"), &prompt, None);
+        assert_eq!(short.subject, "Charged twice");
+        assert_eq!(short.excerpt, "Please refund me");
+
+        // Multi-byte characters around the cut: a byte slice at 280 would split one.
+        let long = "é".repeat(EXCERPT_CHARS + 20);
+        let task = render(&event(&long), &prompt, None);
+        assert_eq!(task.excerpt.chars().count(), EXCERPT_CHARS + 1);
+        assert!(task.excerpt.starts_with(&"é".repeat(EXCERPT_CHARS)));
+        assert!(task.excerpt.ends_with('…'));
+        assert_eq!(
+            excerpt(&"x".repeat(EXCERPT_CHARS), EXCERPT_CHARS).len(),
+            EXCERPT_CHARS
+        );
     }
 
     #[test]
