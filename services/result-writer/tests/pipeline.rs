@@ -24,12 +24,15 @@ use common::{
 };
 use futures::StreamExt;
 use hmac::{Hmac, Mac};
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+};
 use prost::Message as _;
 use rdkafka::message::{Header, OwnedHeaders};
 use result_writer::{config::WebhookEndpoint, triage::Triage};
 use sha2::Sha256;
 use tokio::{net::TcpListener, sync::mpsc, task::AbortHandle};
-use triage_proto::v1::{DeadLetter, ErrorClass};
+use triage_proto::v1::{DeadLetter, ErrorClass, InferenceResult};
 use triage_runtime::config::Secret;
 use triage_test_support::{Stack, TestContext, consumer, read_records, wait_until};
 
@@ -350,20 +353,32 @@ async fn next_triage_event(
     stream: &mut (impl futures::Stream<Item = reqwest::Result<Bytes>> + Unpin),
     buffer: &mut String,
 ) -> Triage {
+    next_triage_event_with_id(stream, buffer).await.1
+}
+
+/// Like [`next_triage_event`], with the event's `id:`.
+async fn next_triage_event_with_id(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<Bytes>> + Unpin),
+    buffer: &mut String,
+) -> (String, Triage) {
     loop {
         while let Some(end) = buffer.find("\n\n") {
             let event: String = buffer.drain(..end + 2).collect();
             let mut name = "message";
             let mut data = String::new();
+            let mut id = String::new();
             for line in event.lines() {
                 if let Some(value) = line.strip_prefix("event:") {
                     name = value.trim();
                 } else if let Some(value) = line.strip_prefix("data:") {
                     data.push_str(value.trim_start());
+                } else if let Some(value) = line.strip_prefix("id:") {
+                    id = value.trim().to_owned();
                 }
             }
+            assert_ne!(name, "lagged", "the stream lagged: {data}");
             if name == "triage" {
-                return serde_json::from_str(&data).unwrap();
+                return (id, serde_json::from_str(&data).unwrap());
             }
         }
         let chunk = stream.next().await.expect("stream open").expect("chunk");
@@ -398,12 +413,26 @@ async fn the_live_stream_delivers_a_result_written_after_the_client_connected() 
     produce_results(
         &producer,
         &ctx.topics.results,
-        &[
-            result("globex", "t-globex", 1_000, "spam"),
-            result("acme", "t-live", 1_000, "billing"),
-        ],
+        &[result("globex", "t-globex", 1_000, "spam")],
     )
     .await;
+    // The acme result carries the ticket's text and a trace context, as inference-worker's do.
+    let traced = InferenceResult {
+        subject: "Charged twice".into(),
+        excerpt: "I was charged twice this month".into(),
+        ..result("acme", "t-live", 1_000, "billing")
+    };
+    let trace = opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+        TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736_u128),
+        SpanId::from(0x00f0_67aa_0ba9_02b7_u64),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    ));
+    producer
+        .send(&ctx.topics.results, "t-live", &traced, &trace)
+        .await
+        .expect("produce the traced result");
     let mut acme_stream = acme_response.bytes_stream();
     let mut globex_stream = globex_response.bytes_stream();
     let (mut acme_buffer, mut globex_buffer) = (String::new(), String::new());
@@ -416,6 +445,15 @@ async fn the_live_stream_delivers_a_result_written_after_the_client_connected() 
         ("acme", "t-live")
     );
     assert_eq!(acme_event.category, "billing");
+    assert_eq!(acme_event.subject.as_deref(), Some("Charged twice"));
+    assert_eq!(
+        acme_event.excerpt.as_deref(),
+        Some("I was charged twice this month")
+    );
+    assert_eq!(
+        acme_event.trace_id.as_deref(),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    );
     let globex_event = tokio::time::timeout(
         WAIT,
         next_triage_event(&mut globex_stream, &mut globex_buffer),
@@ -423,6 +461,15 @@ async fn the_live_stream_delivers_a_result_written_after_the_client_connected() 
     .await
     .expect("globex's triage event");
     assert_eq!(globex_event.ticket_id, "t-globex");
+    // Produced without subject, excerpt or trace context: absent, not empty.
+    assert_eq!(
+        (
+            globex_event.subject,
+            globex_event.excerpt,
+            globex_event.trace_id
+        ),
+        (None, None, None)
+    );
     // What the stream announced is readable.
     let stored: Triage = client
         .get(writer.api_url("/v1/tickets/t-live/triage"))
@@ -435,6 +482,127 @@ async fn the_live_stream_delivers_a_result_written_after_the_client_connected() 
         .unwrap();
     assert_eq!(stored, acme_event);
     drop((acme_stream, globex_stream));
+    writer.stop().await;
+    Db::connect(&ctx.db_schema).await.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resuming_with_last_event_id_gets_exactly_the_rows_it_missed() {
+    let ctx = TestContext::new("rw-sse-resume");
+    ctx.create_topics(1).await;
+    let config = config(&ctx);
+    let producer = producer(&config);
+    let writer = Writer::start(config);
+    let client = reqwest::Client::new();
+    let connect = |last_event_id: Option<String>| {
+        let mut request = client
+            .get(writer.api_url("/v1/triage/stream"))
+            .bearer_auth(ACME_KEY);
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        async move {
+            wait_until("the stream to accept a client", WAIT, || async {
+                let response = request.try_clone()?.send().await.ok()?;
+                (response.status() == StatusCode::OK).then_some(response)
+            })
+            .await
+        }
+    };
+    let read_ticket = |ticket: &'static str| {
+        let request = client
+            .get(writer.api_url(&format!("/v1/tickets/{ticket}/triage")))
+            .bearer_auth(ACME_KEY);
+        async move {
+            wait_until("the row to be committed", WAIT, || async {
+                let response = request.try_clone()?.send().await.ok()?;
+                (response.status() == StatusCode::OK).then_some(())
+            })
+            .await
+        }
+    };
+
+    // Connected: the first row arrives live; its event id is the resume point.
+    let mut stream = connect(None).await.bytes_stream();
+    let mut buffer = String::new();
+    produce_results(
+        &producer,
+        &ctx.topics.results,
+        &[
+            result("globex", "t-other-1", 1_000, "spam"),
+            result("acme", "t-1", 1_000, "billing"),
+        ],
+    )
+    .await;
+    let (seen_id, seen) =
+        tokio::time::timeout(WAIT, next_triage_event_with_id(&mut stream, &mut buffer))
+            .await
+            .expect("the first event");
+    assert_eq!(seen.ticket_id, "t-1");
+    assert!(!seen_id.is_empty(), "every triage event has an id");
+    drop(stream);
+
+    // Disconnected: two acme rows (and another tenant's) are written meanwhile.
+    produce_results(
+        &producer,
+        &ctx.topics.results,
+        &[
+            result("acme", "t-2", 1_001, "bug"),
+            result("globex", "t-other-2", 1_001, "spam"),
+            result("acme", "t-3", 1_002, "outage"),
+        ],
+    )
+    .await;
+    read_ticket("t-2").await;
+    read_ticket("t-3").await;
+
+    // Reconnected with Last-Event-ID: exactly the two missed rows, in write order, then live
+    // ones; nothing seen before comes again.
+    let mut stream = connect(Some(seen_id)).await.bytes_stream();
+    let mut buffer = String::new();
+    let mut received = Vec::new();
+    for _ in 0..2 {
+        let (_, triage) =
+            tokio::time::timeout(WAIT, next_triage_event_with_id(&mut stream, &mut buffer))
+                .await
+                .expect("a missed row");
+        received.push(triage.ticket_id);
+    }
+    assert_eq!(received, ["t-2", "t-3"]);
+    produce_results(
+        &producer,
+        &ctx.topics.results,
+        &[result("acme", "t-4", 1_003, "billing")],
+    )
+    .await;
+    let (_, next) = tokio::time::timeout(WAIT, next_triage_event_with_id(&mut stream, &mut buffer))
+        .await
+        .expect("the live row after the backlog");
+    assert_eq!(next.ticket_id, "t-4", "the live row follows, no row twice");
+    drop(stream);
+
+    // An id this API never gave is refused with problem details, not ignored.
+    let refused = client
+        .get(writer.api_url("/v1/triage/stream"))
+        .bearer_auth(ACME_KEY)
+        .header("last-event-id", "not-an-event-id")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        refused.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(problem["status"], 400);
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Last-Event-ID"),
+        "{problem}"
+    );
     writer.stop().await;
     Db::connect(&ctx.db_schema).await.drop_schema().await;
 }
