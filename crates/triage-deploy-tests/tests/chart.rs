@@ -474,6 +474,20 @@ fn every_config_toml_loads_into_its_service_config() {
                         &config.auth.keys_file,
                         &context,
                     );
+                    // The console forwards to Services that exist, on ports they serve.
+                    assert!(config.console.enabled, "{context}");
+                    for url in [&config.console.dead_letters_url, &config.console.lag_url]
+                        .into_iter()
+                        .flatten()
+                    {
+                        assert_service_serves(&rendered, url, &context);
+                    }
+                    if values.contains("secrets") {
+                        assert!(
+                            config.console.dead_letters_url.is_some(),
+                            "{context}: with API keys the dead-letter page is wired"
+                        );
+                    }
                 }
                 "dlq-alerter" => {
                     let config: dlq_alerter::config::Config =
@@ -482,6 +496,19 @@ fn every_config_toml_loads_into_its_service_config() {
                     if let Some(path) = &config.slack.webhook_url_file {
                         assert_mounted(deployment, path, &context);
                     }
+                    // The dead-letter API runs only with keys, and has them mounted.
+                    assert_eq!(
+                        config.api.listen.is_some(),
+                        config.auth.keys_file.is_some(),
+                        "{context}"
+                    );
+                    check_keys_file(
+                        &rendered,
+                        &existing,
+                        deployment,
+                        &config.auth.keys_file,
+                        &context,
+                    );
                 }
                 "lag-autoscaler" => {
                     let config: lag_autoscaler::config::Config =
@@ -662,6 +689,27 @@ fn assert_mounted(deployment: &Value, path: &std::path::Path, context: &str) {
 
 /// The keys file the config names is mounted, and when the chart renders it, the service reads
 /// every line of it.
+/// `url` (`http://<service>:<port>/...`) names a rendered Service with that port.
+fn assert_service_serves(rendered: &Rendered, url: &str, context: &str) {
+    let authority = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("{context}: {url} is not http://host:port/..."));
+    let (host, port) = authority
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("{context}: {url} has no port"));
+    let service = rendered
+        .get("Service", host)
+        .unwrap_or_else(|| panic!("{context}: no Service {host} for {url}"));
+    let ports = service["spec"]["ports"].as_array().unwrap();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p["port"].as_i64().map(|n| n.to_string()).as_deref() == Some(port)),
+        "{context}: Service {host} has no port {port}: {ports:?}"
+    );
+}
+
 fn check_keys_file(
     rendered: &Rendered,
     _existing: &BTreeMap<&str, &str>,

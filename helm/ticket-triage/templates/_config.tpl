@@ -125,6 +125,24 @@ listen = "0.0.0.0:8081"
 {{- if include "tt.hasApiKeys" . }}
 keys_file = "/etc/triage/secrets/api-keys"
 {{- end }}
+
+[console]
+enabled = {{ $r.console.enabled }}
+{{- if $r.console.traceUrl }}
+trace_url = {{ include "tt.str" $r.console.traceUrl }}
+{{- end }}
+{{- if include "tt.dlqApi" . }}
+dead_letters_url = {{ include "tt.str" (printf "http://%s:%d" (include "tt.name" (list . "dlq-alerter")) (int .Values.dlqAlerter.api.port)) }}
+{{- end }}
+{{- if .Values.lagAutoscaler.enabled }}
+lag_url = {{ include "tt.str" (printf "http://%s:%d/api/v1/lag" (include "tt.name" (list . "lag-autoscaler")) (int .Values.admin.port)) }}
+{{- end }}
+upstream_timeout = {{ include "tt.str" $r.console.upstreamTimeout }}
+{{- end -}}
+
+{{- /* dlq-alerter's dead-letter API runs: enabled, and keys to guard it. */}}
+{{- define "tt.dlqApi" -}}
+{{- if and .Values.dlqAlerter.enabled .Values.dlqAlerter.api.enabled (include "tt.hasApiKeys" .) -}}true{{- end -}}
 {{- end -}}
 
 {{- define "tt.config.dlq-alerter" -}}
@@ -147,6 +165,18 @@ window = {{ include "tt.str" $a.aggregationWindow }}
 
 [alerts]
 replay_command = {{ include "tt.str" (default (printf "kubectl -n %s exec deploy/%s -- dlq-alerter replay" .Release.Namespace (include "tt.name" (list . "dlq-alerter"))) $a.replayCommand) }}
+
+[api]
+{{- if include "tt.dlqApi" . }}
+listen = "0.0.0.0:{{ int $a.api.port }}"
+{{- end }}
+recent_per_partition = {{ int $a.api.recentPerPartition }}
+max_items = {{ int $a.api.maxItems }}
+
+[auth]
+{{- if include "tt.hasApiKeys" . }}
+keys_file = "/etc/triage/secrets/api-keys"
+{{- end }}
 {{- end -}}
 
 {{- define "tt.config.lag-autoscaler" -}}
