@@ -49,7 +49,10 @@ async fn triages_every_task_once_and_answers_repeats_from_the_cache() {
         );
         assert!(result.suggested_reply.starts_with("[llm-sim]"));
         assert!(result.triaged_at.is_some() && result.accepted_at.is_some());
-        let task = batch.iter().find(|t| t.ticket_id == result.ticket_id).unwrap();
+        let task = batch
+            .iter()
+            .find(|t| t.ticket_id == result.ticket_id)
+            .unwrap();
         assert_eq!(
             (&result.subject, &result.excerpt),
             (&task.subject, &task.excerpt),

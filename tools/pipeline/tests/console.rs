@@ -551,6 +551,11 @@ async fn the_console_shows_corrects_replays_and_isolates_tenants() {
         "the saved correction",
     )
     .await;
+    // From the top: the feed, and the ticket's subject, excerpt and trace link.
+    client
+        .execute("window.scrollTo(0, 0); return true;", vec![])
+        .await
+        .unwrap();
     screenshot(&client, "ticket").await;
     let (status, feedback) = read_api(
         &pipeline,
