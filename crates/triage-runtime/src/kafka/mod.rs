@@ -1,11 +1,12 @@
 //! Kafka clients built from [`KafkaConfig`](crate::config::KafkaConfig): topic provisioning
 //! ([`admin`]), record headers and trace context ([`headers`]), the contract producer
-//! ([`producer`]), the at-least-once consumer runtime ([`consumer`]) and the one place that
-//! decides which offset may be committed ([`offsets`]).
+//! ([`producer`]), the at-least-once consumer runtime ([`consumer`]) with its per-partition flow
+//! control ([`flow`]), and the one place that decides which offset may be committed ([`offsets`]).
 
 pub mod admin;
 pub mod consumer;
 pub mod dead_letter;
+mod flow;
 pub mod headers;
 pub mod offsets;
 pub mod producer;
