@@ -79,6 +79,10 @@ pub struct ChaosReport {
     pub dispatch_duplicates: usize,
     /// Committed records of the task topic.
     pub tasks: usize,
+    /// Committed records of the ticket-event topic: more than `accepted` when the ingress wrote
+    /// a ticket again for a client's retry whose first answer was lost in a fault (the worker
+    /// then finds the triage cached; nothing is paid twice).
+    pub ticket_events: usize,
     /// Brokers in the cluster the run ran on.
     pub brokers: usize,
     /// Upper bound of the calls in flight at the kills (calls started minus results cached,
@@ -265,7 +269,7 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
         }
     }
     let dead_letters = dead_letter_tickets(&pipeline.names.dead_letters).await;
-    let (tasks, dispatch_duplicates) = dispatch_duplicates(&pipeline.names).await;
+    let (ticket_events, tasks, dispatch_duplicates) = dispatch_duplicates(&pipeline.names).await;
     let stats = pipeline.sim_stats().await?;
     let paid_duplicates = llm_sim::stats::paid_duplicates(&stats);
     pipeline.stop().await?;
@@ -277,6 +281,7 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
         paid_duplicates,
         dispatch_duplicates,
         tasks,
+        ticket_events,
         brokers,
         in_flight_at_kills,
         events,
@@ -327,6 +332,7 @@ impl ChaosReport {
             ("triaged", self.triaged.to_string()),
             ("lost", self.lost.len().to_string()),
             ("dead letters", self.dead_letters.to_string()),
+            ("committed ticket events", self.ticket_events.to_string()),
             ("committed tasks", self.tasks.to_string()),
             (
                 "tasks duplicated by dispatch",
@@ -340,9 +346,9 @@ impl ChaosReport {
         ] {
             table.push_str(&format!("| {figure} | {value} |\n"));
         }
-        table.push_str("\n| fault | |\n| --- | --- |\n");
+        table.push_str("\nFaults, in order:\n");
         for event in &self.events {
-            table.push_str(&format!("| {event} | |\n"));
+            table.push_str(&format!("- {event}\n"));
         }
         table
     }
@@ -550,11 +556,14 @@ async fn kill_and_restore(node: i32, topic: &str) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || cluster(&["restart-broker", &node_arg])).await?
 }
 
-/// Every committed task record, and how many of them are beyond one per committed ticket event
-/// (an event the ingress wrote twice may have two tasks: that is not dispatch's duplicate).
-async fn dispatch_duplicates(names: &crate::Names) -> (usize, usize) {
+/// Committed ticket events, committed task records, and how many tasks are beyond one per
+/// committed ticket event (an event the ingress wrote twice may have two tasks: that is not
+/// dispatch's duplicate).
+async fn dispatch_duplicates(names: &crate::Names) -> (usize, usize, usize) {
+    let mut event_records = 0;
     let mut events: HashMap<String, usize> = HashMap::new();
     for record in read_all(&names.tickets_created).await {
+        event_records += 1;
         let content_type =
             triage_runtime::kafka::headers::get_str(record.headers(), "content-type");
         if let Some(event) = record
@@ -581,7 +590,7 @@ async fn dispatch_duplicates(names: &crate::Names) -> (usize, usize) {
         .iter()
         .map(|(ticket_id, count)| count.saturating_sub(events.get(ticket_id).copied().unwrap_or(1)))
         .sum();
-    (task_records, duplicates)
+    (event_records, task_records, duplicates)
 }
 
 /// Every committed record of `topic`: reads until nothing more came for 3 s.
