@@ -405,6 +405,29 @@ impl Validate for AdminConfig {
 mod tests {
     use super::*;
 
+    #[test]
+    fn topic_provisioning_defaults_survive_one_broker_down_and_min_insync_is_checked() {
+        let defaults = TopicProvisioning::default();
+        assert_eq!(
+            (defaults.replication_factor, defaults.min_insync_replicas),
+            (3, 2)
+        );
+        let mut problems = Vec::new();
+        defaults.validate(&mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+
+        let one_broker_forgot_min_insync = TopicProvisioning {
+            replication_factor: 1,
+            ..Default::default()
+        };
+        one_broker_forgot_min_insync.validate(&mut problems);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("topic_provisioning.min_insync_replicas"),
+            "{problems:?}"
+        );
+    }
+
     #[derive(Default, Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields, default)]
     struct TestConfig {
