@@ -265,12 +265,18 @@ impl Validate for TopicsConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TopicProvisioning {
-    /// Create missing topics (and grow partition counts) at start. Off where a platform team
-    /// owns topic creation.
+    /// Create missing topics at start. Off where a platform team owns topic creation. An
+    /// existing topic is never changed: one with fewer partitions than `partitions` is only
+    /// warned about, since growing it remaps keys to partitions and breaks per-ticket order
+    /// (`pipeline topics grow` does it on an operator's explicit word).
     pub enabled: bool,
     /// Partitions of every pipeline topic; also the ceiling for consumer replicas.
     pub partitions: i32,
+    /// Copies of every partition. 3 (with `min_insync_replicas` 2) survives one broker down
+    /// without refusing writes or losing acknowledged ones; a one-broker dev stack sets 1.
     pub replication_factor: i32,
+    /// `min.insync.replicas` of every pipeline topic: how many copies an acks=all write needs.
+    pub min_insync_replicas: i32,
     /// `retention.ms` of the work topics.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
@@ -284,7 +290,8 @@ impl Default for TopicProvisioning {
         TopicProvisioning {
             enabled: true,
             partitions: 12,
-            replication_factor: 1,
+            replication_factor: 3,
+            min_insync_replicas: 2,
             retention: Duration::from_secs(7 * 24 * 3600),
             dead_letter_retention: Duration::from_secs(30 * 24 * 3600),
         }
@@ -303,6 +310,12 @@ impl Validate for TopicProvisioning {
             problems.push(format!(
                 "topic_provisioning.replication_factor must be at least 1, not {}",
                 self.replication_factor
+            ));
+        }
+        if self.min_insync_replicas < 1 || self.min_insync_replicas > self.replication_factor {
+            problems.push(format!(
+                "topic_provisioning.min_insync_replicas must be between 1 and replication_factor ({}), not {}",
+                self.replication_factor, self.min_insync_replicas
             ));
         }
     }
@@ -391,6 +404,29 @@ impl Validate for AdminConfig {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_provisioning_defaults_survive_one_broker_down_and_min_insync_is_checked() {
+        let defaults = TopicProvisioning::default();
+        assert_eq!(
+            (defaults.replication_factor, defaults.min_insync_replicas),
+            (3, 2)
+        );
+        let mut problems = Vec::new();
+        defaults.validate(&mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+
+        let one_broker_forgot_min_insync = TopicProvisioning {
+            replication_factor: 1,
+            ..Default::default()
+        };
+        one_broker_forgot_min_insync.validate(&mut problems);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("topic_provisioning.min_insync_replicas"),
+            "{problems:?}"
+        );
+    }
 
     #[derive(Default, Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields, default)]

@@ -38,22 +38,41 @@ pub struct Stack {
     pub kafka_bootstrap: String,
     pub redis_url: String,
     pub database_url: String,
+    /// Brokers in the cluster (`KAFKA_BROKERS`, 1 when unset): more than one means
+    /// `deploy/stack.sh --brokers N`, whose nodes the chaos run kills one at a time.
+    pub kafka_brokers: usize,
+    /// Replication factor of the topics tests create (`KAFKA_REPLICATION_FACTOR`, 1 when unset).
+    pub replication_factor: i32,
 }
 
 impl Stack {
-    /// Reads `.local/stack.env` (written by `deploy/stack.sh up`); `KAFKA_BOOTSTRAP`,
-    /// `REDIS_URL` and `DATABASE_URL` in the environment take precedence.
+    /// Reads `.local/stack.env` (written by `deploy/stack.sh up`), or the file
+    /// `STACK_ENV_FILE` names (`.local/cluster.env` for the three-broker cluster); `KAFKA_BOOTSTRAP`,
+    /// `REDIS_URL`, `DATABASE_URL`, `KAFKA_BROKERS` and `KAFKA_REPLICATION_FACTOR` in the
+    /// environment take precedence.
+    ///
+    /// A file rather than exported endpoints: build scripts that watch `DATABASE_URL` would
+    /// rebuild their crates whenever the test harness runs `cargo build` under another value.
     pub fn get() -> &'static Stack {
         static STACK: OnceLock<Stack> = OnceLock::new();
         STACK.get_or_init(|| {
-            let env_file = workspace_root().join(".local/stack.env");
+            let env_file = match std::env::var_os("STACK_ENV_FILE") {
+                Some(path) => workspace_root().join(path),
+                None => workspace_root().join(".local/stack.env"),
+            };
             let mut values: HashMap<String, String> = std::fs::read_to_string(&env_file)
                 .unwrap_or_default()
                 .lines()
                 .filter_map(|line| line.split_once('='))
                 .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
                 .collect();
-            for key in ["KAFKA_BOOTSTRAP", "REDIS_URL", "DATABASE_URL"] {
+            for key in [
+                "KAFKA_BOOTSTRAP",
+                "REDIS_URL",
+                "DATABASE_URL",
+                "KAFKA_BROKERS",
+                "KAFKA_REPLICATION_FACTOR",
+            ] {
                 if let Ok(value) = std::env::var(key) {
                     values.insert(key.to_owned(), value);
                 }
@@ -70,6 +89,18 @@ impl Stack {
                 kafka_bootstrap: take("KAFKA_BOOTSTRAP"),
                 redis_url: take("REDIS_URL"),
                 database_url: take("DATABASE_URL"),
+                kafka_brokers: values
+                    .get("KAFKA_BROKERS")
+                    .map(|brokers| brokers.parse().expect("KAFKA_BROKERS is a number"))
+                    .unwrap_or(1),
+                replication_factor: values
+                    .get("KAFKA_REPLICATION_FACTOR")
+                    .map(|factor| {
+                        factor
+                            .parse()
+                            .expect("KAFKA_REPLICATION_FACTOR is a number")
+                    })
+                    .unwrap_or(1),
             }
         })
     }
@@ -223,6 +254,15 @@ impl TestContext {
                 self.topics.inference_tasks.clone(),
             ),
             ("TRIAGE_TOPICS__RESULTS".into(), self.topics.results.clone()),
+            // The production defaults (3 copies, 2 in sync) lowered to what the stack has.
+            (
+                "TRIAGE_TOPIC_PROVISIONING__REPLICATION_FACTOR".into(),
+                stack.replication_factor.to_string(),
+            ),
+            (
+                "TRIAGE_TOPIC_PROVISIONING__MIN_INSYNC_REPLICAS".into(),
+                stack.replication_factor.min(2).to_string(),
+            ),
             (
                 "TRIAGE_TOPICS__DEAD_LETTERS".into(),
                 self.topics.dead_letters.clone(),
@@ -231,12 +271,19 @@ impl TestContext {
     }
 }
 
-/// Creates topics (replication factor 1) on the stack's broker, tolerating existing ones.
+/// Creates topics on the stack's broker (replication factor from [`Stack`]), tolerating
+/// existing ones.
 pub async fn create_topics(names: &[&str], partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = client_config().create().expect("admin client");
     let new_topics: Vec<NewTopic<'_>> = names
         .iter()
-        .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(1)))
+        .map(|name| {
+            NewTopic::new(
+                name,
+                partitions,
+                TopicReplication::Fixed(Stack::get().replication_factor),
+            )
+        })
         .collect();
     let results = admin
         .create_topics(

@@ -130,6 +130,7 @@ drain_timeout = {{ include "tt.str" $v.admin.drainTimeout }}
 enabled = {{ and (eq $v.topics.provisioning "service") (index . 1) }}
 partitions = {{ int $v.topics.partitions }}
 replication_factor = {{ int $v.topics.replicationFactor }}
+min_insync_replicas = {{ int $v.topics.minInsyncReplicas }}
 retention = {{ include "tt.str" $v.topics.retention }}
 dead_letter_retention = {{ include "tt.str" $v.topics.deadLetterRetention }}
 {{- end -}}
