@@ -13,6 +13,7 @@ use crate::{
     metrics::MetricsHandle,
     shutdown::Shutdown,
     telemetry::{self, TelemetryGuard},
+    tls,
 };
 
 /// Exit code for a configuration the service cannot start with (as sysexits' EX_CONFIG).
@@ -83,11 +84,27 @@ where
             tracing::info!(service, "stopped");
             ExitCode::SUCCESS
         }
+        Err(error) if is_configuration_failure(&error) => {
+            // As for a bad configuration file: one plain line, and an exit code that tells the
+            // orchestrator a restart will not help.
+            eprintln!("{service}: {error:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
         Err(error) => {
             tracing::error!(service, error = format!("{error:#}"), "stopped on error");
             ExitCode::FAILURE
         }
     }
+}
+
+/// A failure only an operator can fix: a configuration that cannot be used, or a TLS
+/// certificate refused (a wrong CA, a host name the certificate does not name).
+pub fn is_configuration_failure(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.is::<config::ConfigError>()
+            || cause.is::<tls::TlsError>()
+            || tls::is_certificate_rejection(cause)
+    })
 }
 
 /// A running admin server.

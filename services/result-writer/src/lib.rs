@@ -99,7 +99,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     )
     .await?;
 
-    if !migrate_until_done(&store, &config.database, shutdown.clone()).await {
+    if !migrate_until_done(&store, &config.database, shutdown.clone()).await? {
         admin.task.await??;
         return Ok(());
     }
@@ -183,13 +183,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Applies the migrations, retrying while PostgreSQL is unreachable (the admin server already
-/// reports not ready meanwhile). False when shutdown came first.
+/// Applies the migrations, retrying while PostgreSQL is unreachable (`/healthz?verbose` says so
+/// meanwhile). False when shutdown came first; an error when no retry can help (a refused
+/// certificate, wrong credentials, a missing database): the service then exits instead of
+/// retrying forever.
 async fn migrate_until_done(
     store: &db::Store,
     database: &config::DatabaseConfig,
     mut shutdown: Shutdown,
-) -> bool {
+) -> anyhow::Result<bool> {
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(database.retry_min_delay)
         .with_max_delay(database.retry_max_delay)
@@ -200,14 +202,17 @@ async fn migrate_until_done(
         match db::migrate(store.pool(), &database.schema).await {
             Ok(applied) => {
                 tracing::info!(schema = %database.schema, applied, "database schema up to date");
-                return true;
+                return Ok(true);
+            }
+            Err(error) if error.failure() == db::DbFailure::Fatal => {
+                return Err(error).context("failed to migrate the database");
             }
             Err(error) => {
                 let delay = delays.next().unwrap_or(database.retry_max_delay);
                 tracing::warn!(error = %error, retry_in = ?delay, "cannot migrate the database yet");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
-                    () = shutdown.wait() => return false,
+                    () = shutdown.wait() => return Ok(false),
                 }
             }
         }
