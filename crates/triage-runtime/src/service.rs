@@ -1,16 +1,16 @@
 //! The start-up and shutdown steps every service binary shares, so that each `main.rs` is a
 //! checklist: load config, start telemetry, run the service until a signal, map to an exit code.
 
-use std::{future::Future, net::SocketAddr, process::ExitCode, sync::Arc};
+use std::{future::Future, net::SocketAddr, process::ExitCode};
 
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
-    admin_http::{self, AdminState, KafkaReadiness, ReadinessCheck},
+    admin_http::{self, AdminState, Dependencies, DependencyCheck, KafkaHealth, Readiness},
     config::{self, AdminConfig, KafkaConfig, TelemetryConfig, Validate},
     kafka,
-    metrics::MetricsHandle,
+    metrics::MetricsRegistry,
     shutdown::Shutdown,
     telemetry::{self, TelemetryGuard},
     tls,
@@ -111,32 +111,67 @@ pub fn is_configuration_failure(error: &anyhow::Error) -> bool {
 pub struct AdminServer {
     pub local_addr: SocketAddr,
     pub task: JoinHandle<std::io::Result<()>>,
+    /// Mark it ready once the service can serve; `/readyz` is 503 until then.
+    pub readiness: Readiness,
 }
 
-/// Binds `admin.listen` and serves `/healthz`, `/readyz` (Kafka plus `extra_checks`) and
-/// `/metrics` until `shutdown` fires.
+/// The admin routes (`/healthz`, `/readyz`, `/metrics`) with Kafka plus `extra_checks` as the
+/// dependencies reported on `/healthz?verbose` and `triage_dependency_up`, and the task that
+/// refreshes those gauges until `shutdown` fires. Freezes `registry`. `/readyz` answers 200 once
+/// the returned [`Readiness`] is marked ready.
+pub fn admin_router(
+    service: &'static str,
+    kafka_config: &KafkaConfig,
+    mut registry: MetricsRegistry,
+    extra_checks: Vec<Box<dyn DependencyCheck>>,
+    shutdown: Shutdown,
+) -> Result<(axum::Router, Readiness), kafka::KafkaError> {
+    let probe = kafka::probe_client(kafka_config, service)?;
+    let mut checks: Vec<Box<dyn DependencyCheck>> = vec![Box::new(KafkaHealth::new(probe))];
+    checks.extend(extra_checks);
+    let dependencies = Dependencies::register(registry.registry_mut(), checks);
+    tokio::spawn(
+        dependencies
+            .clone()
+            .watch(admin_http::CHECK_INTERVAL, shutdown.clone()),
+    );
+    let readiness = Readiness::default();
+    let router = admin_http::router(AdminState {
+        service,
+        metrics: registry.freeze(),
+        dependencies,
+        readiness: readiness.clone(),
+        shutdown,
+    });
+    Ok((router, readiness))
+}
+
+/// Binds `admin.listen` and serves [`admin_router`] until `shutdown` fires.
 pub async fn start_admin(
     service: &'static str,
     admin: &AdminConfig,
     kafka_config: &KafkaConfig,
-    metrics: MetricsHandle,
-    extra_checks: Vec<Box<dyn ReadinessCheck>>,
+    registry: MetricsRegistry,
+    extra_checks: Vec<Box<dyn DependencyCheck>>,
     shutdown: Shutdown,
 ) -> anyhow::Result<AdminServer> {
     use anyhow::Context as _;
-    let probe = kafka::probe_client(kafka_config, service)?;
-    let mut checks: Vec<Box<dyn ReadinessCheck>> = vec![Box::new(KafkaReadiness::new(probe))];
-    checks.extend(extra_checks);
+    let (router, readiness) = admin_router(
+        service,
+        kafka_config,
+        registry,
+        extra_checks,
+        shutdown.clone(),
+    )?;
     let listener = TcpListener::bind(admin.listen)
         .await
         .with_context(|| format!("failed to bind the admin server to {}", admin.listen))?;
     let local_addr = listener.local_addr()?;
-    let router = admin_http::router(AdminState {
-        service,
-        metrics,
-        checks: Arc::new(checks),
-    });
     tracing::info!(address = %local_addr, "admin server listening");
     let task = tokio::spawn(admin_http::serve(listener, router, shutdown));
-    Ok(AdminServer { local_addr, task })
+    Ok(AdminServer {
+        local_addr,
+        task,
+        readiness,
+    })
 }

@@ -388,7 +388,7 @@ impl Store {
         Ok(rows.iter().map(triage_from_row).collect())
     }
 
-    /// One round trip, for `/readyz`.
+    /// One round trip, for the dependency health check.
     pub async fn ping(&self, timeout: Duration) -> Result<(), DbError> {
         let client = self.pool.get().await?;
         let query = client.simple_query("SELECT 1");

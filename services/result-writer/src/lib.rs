@@ -49,7 +49,7 @@ use tokio::{
 };
 use triage_proto::ContentType;
 use triage_runtime::{
-    admin_http::{CheckFuture, ReadinessCheck},
+    admin_http::{CheckFuture, DependencyCheck},
     kafka::{
         consumer::{self, ConsumerMetrics, ConsumerRun, FetchGate},
         producer::ContractProducer,
@@ -63,10 +63,10 @@ pub use config::Config;
 
 pub const SERVICE: &str = "result-writer";
 
-/// `/readyz` is ready only while PostgreSQL answers.
-pub struct PostgresReadiness(pub db::Store);
+/// PostgreSQL answers a query: reported on `/healthz?verbose` and `triage_dependency_up`.
+pub struct PostgresHealth(pub db::Store);
 
-impl ReadinessCheck for PostgresReadiness {
+impl DependencyCheck for PostgresHealth {
     fn name(&self) -> &'static str {
         "postgres"
     }
@@ -93,8 +93,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         SERVICE,
         &config.admin,
         &config.kafka,
-        registry.freeze(),
-        vec![Box::new(PostgresReadiness(store.clone()))],
+        registry,
+        vec![Box::new(PostgresHealth(store.clone()))],
         shutdown.clone(),
     )
     .await?;
@@ -152,6 +152,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         retry_max_delay: config.database.retry_max_delay,
         shutdown: shutdown.clone(),
     });
+    admin.readiness.mark_ready();
     tracing::info!(service = SERVICE, topic = %config.topics.results, "started");
     // The handler (and with it the batcher's only sender) lives exactly as long as the consumer:
     // once the drain is over, the batcher writes what it holds and stops.

@@ -137,16 +137,20 @@ impl KafkaConfig {
     }
 }
 
-/// Asks the cluster for its metadata: the cheapest proof that the brokers answer. Blocking;
-/// call it from `spawn_blocking`.
-pub fn probe_brokers(client: &BaseConsumer, timeout: Duration) -> Result<usize, KafkaError> {
+/// Asks the cluster for metadata, of `topic` only when given (the whole cluster's otherwise):
+/// proof that the brokers answer. Blocking; call it from `spawn_blocking`.
+pub fn probe_brokers(
+    client: &BaseConsumer,
+    topic: Option<&str>,
+    timeout: Duration,
+) -> Result<usize, KafkaError> {
     client
-        .fetch_metadata(None, timeout)
+        .fetch_metadata(topic, timeout)
         .map(|metadata| metadata.brokers().len())
         .map_err(|source| KafkaError::Unreachable { timeout, source })
 }
 
-/// A client kept only to probe broker reachability for `/readyz`.
+/// A client kept only to probe broker reachability for the dependency health checks.
 pub fn probe_client(config: &KafkaConfig, service: &str) -> Result<BaseConsumer, KafkaError> {
     config
         .client_config(&format!("{service}-probe"))
