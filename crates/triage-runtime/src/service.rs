@@ -87,7 +87,7 @@ where
         Err(error) if is_configuration_failure(&error) => {
             // As for a bad configuration file: one plain line, and an exit code that tells the
             // orchestrator a restart will not help.
-            eprintln!("{service}: {error:#}");
+            eprintln!("{service}: {}", configuration_failure_line(&error));
             ExitCode::from(EXIT_CONFIG)
         }
         Err(error) => {
@@ -105,6 +105,19 @@ pub fn is_configuration_failure(error: &anyhow::Error) -> bool {
             || cause.is::<tls::TlsError>()
             || tls::is_certificate_rejection(cause)
     })
+}
+
+/// What went wrong in one line: the outermost context and the root cause. The whole chain
+/// repeats itself (several layers quote their cause), and the root cause is what names the
+/// refused certificate or the bad value.
+fn configuration_failure_line(error: &anyhow::Error) -> String {
+    let outer = error.to_string();
+    let root = error.root_cause().to_string();
+    if outer.contains(&root) {
+        outer
+    } else {
+        format!("{outer}: {root}")
+    }
 }
 
 /// A running admin server.
