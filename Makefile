@@ -4,13 +4,14 @@ CARGO ?= cargo
 # Integration tests share one broker; a few at a time keeps 2 cores responsive.
 TEST_THREADS ?= 4
 
-.PHONY: cluster-up cluster-down test-cluster fuzz help demo test k8s-test helm-check image image-test image-test-run stack-up stack-down stack-status build lint fmt clippy unit bench clean-stack
+.PHONY: cluster-up cluster-down test-cluster tls-stack-up tls-stack-down fuzz help demo test k8s-test helm-check image image-test image-test-run stack-up stack-down stack-status build lint fmt clippy unit bench clean-stack
 
 help:
 	@echo "make demo        run the pipeline locally and watch tickets being triaged"
 	@echo "make test        start the local stack, then fmt, clippy and the whole test suite"
 	@echo "make stack-up    start Kafka (KRaft), Redis and PostgreSQL on loopback (idempotent)"
 	@echo "make stack-down  stop them"
+	@echo "make tls-stack-up  a TLS-only Kafka (SASL_SSL, mTLS), Redis and PostgreSQL on their own ports"
 	@echo "make clean-stack stop them and delete their data (every test run leaves its topics and schemas)"
 	@echo "make bench       run the benchmarks recorded in docs/BENCHMARKS.md (BENCH=name for one)"
 	@echo "make chaos       kill workers, restart broker/Redis/PostgreSQL, LLM outage; check nothing is lost"
@@ -32,6 +33,14 @@ stack-down:
 stack-status:
 	@deploy/stack.sh status
 
+# Kafka (SASL_SSL + mTLS), Redis (TLS only) and PostgreSQL (ssl=on) with fresh certificates, on
+# ports of their own beside the plain stack; `make test` starts and stops it around the tests.
+tls-stack-up: stack-up
+	@deploy/tls-stack.sh up
+
+tls-stack-down:
+	@deploy/tls-stack.sh down
+
 clean-stack:
 	@deploy/stack.sh wipe
 
@@ -48,11 +57,16 @@ lint:
 
 # Tests named serial_* measure time (throughput against a rate limit), so they run alone, after
 # the rest. Tests named cluster_* (the chaos run, the dispatch stage's exactly-once under kill -9)
-# run on the three-broker cluster (test-cluster, below). The end-to-end tests start the service
-# binaries; the image test last starts them again as containers (image-test-run, below).
+# run on the three-broker cluster (test-cluster, below). The TLS tests (named tls_*) need the TLS
+# stack: a second Kafka, Redis and PostgreSQL on their own ports with fresh certificates
+# (deploy/tls-stack.sh, about 25 s to start); it is stopped as soon as the main run is over,
+# passed or failed. The end-to-end tests start the service binaries; the image test last starts
+# them again as containers (image-test-run, below).
 test: stack-up lint helm-check
 	$(CARGO) build --workspace --bins
-	$(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS) --skip serial_ --skip cluster_
+	@deploy/tls-stack.sh up
+	$(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS) --skip serial_ --skip cluster_; \
+	  status=$$?; deploy/tls-stack.sh down; exit $$status
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=1 serial_ --skip cluster_
 	@$(MAKE) --no-print-directory test-cluster
 	@$(MAKE) --no-print-directory image-test-run

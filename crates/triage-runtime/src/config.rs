@@ -161,9 +161,17 @@ pub struct KafkaConfig {
     /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` when SASL is used.
     pub sasl_mechanism: Option<String>,
     pub sasl_username: Option<String>,
+    /// The SASL password itself. Prefer `sasl_password_file` outside a developer's machine.
     pub sasl_password: Option<Secret>,
-    /// CA bundle to verify the brokers' certificates.
+    /// A file holding the SASL password (a mounted Kubernetes Secret); wins over `sasl_password`.
+    pub sasl_password_file: Option<PathBuf>,
+    /// CA bundle (PEM) to verify the brokers' certificates with `ssl` and `sasl_ssl`. librdkafka
+    /// also checks that the certificate names the broker's host (`ssl.endpoint.identification.algorithm=https`).
     pub ssl_ca_location: Option<PathBuf>,
+    /// Client certificate (PEM) for brokers that require mutual TLS (`ssl.client.auth=required`).
+    pub ssl_certificate_location: Option<PathBuf>,
+    /// Private key (PEM, unencrypted) of `ssl_certificate_location`.
+    pub ssl_key_location: Option<PathBuf>,
     /// Extra librdkafka properties, passed through as they are (e.g. `"socket.keepalive.enable" = "true"`).
     /// They override the producer and consumer defaults (`linger.ms`, `compression.type`, ...),
     /// not the settings a stage's correctness rests on (offset commits, transactions).
@@ -179,7 +187,10 @@ impl Default for KafkaConfig {
             sasl_mechanism: None,
             sasl_username: None,
             sasl_password: None,
+            sasl_password_file: None,
             ssl_ca_location: None,
+            ssl_certificate_location: None,
+            ssl_key_location: None,
             extra: BTreeMap::new(),
         }
     }
@@ -198,9 +209,31 @@ impl Validate for KafkaConfig {
             ));
         }
         if protocol.starts_with("sasl")
-            && (self.sasl_username.is_none() || self.sasl_password.is_none())
+            && (self.sasl_username.is_none()
+                || (self.sasl_password.is_none() && self.sasl_password_file.is_none()))
         {
-            problems.push("kafka.sasl_username and kafka.sasl_password are required with a sasl_* security_protocol".into());
+            problems.push("kafka.sasl_username and kafka.sasl_password (or kafka.sasl_password_file) are required with a sasl_* security_protocol".into());
+        }
+        if self.ssl_certificate_location.is_some() != self.ssl_key_location.is_some() {
+            problems.push(
+                "kafka.ssl_certificate_location and kafka.ssl_key_location must be set together"
+                    .into(),
+            );
+        }
+        for (key, path) in [
+            ("kafka.sasl_password_file", &self.sasl_password_file),
+            ("kafka.ssl_ca_location", &self.ssl_ca_location),
+            (
+                "kafka.ssl_certificate_location",
+                &self.ssl_certificate_location,
+            ),
+            ("kafka.ssl_key_location", &self.ssl_key_location),
+        ] {
+            if let Some(path) = path
+                && let Err(error) = std::fs::metadata(path)
+            {
+                problems.push(format!("{key} {}: {error}", path.display()));
+            }
         }
     }
 }

@@ -60,12 +60,7 @@ impl Stack {
                 Some(path) => workspace_root().join(path),
                 None => workspace_root().join(".local/stack.env"),
             };
-            let mut values: HashMap<String, String> = std::fs::read_to_string(&env_file)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|line| line.split_once('='))
-                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                .collect();
+            let mut values = parse_env(&std::fs::read_to_string(&env_file).unwrap_or_default());
             for key in [
                 "KAFKA_BOOTSTRAP",
                 "REDIS_URL",
@@ -103,6 +98,70 @@ impl Stack {
                     .unwrap_or(1),
             }
         })
+    }
+}
+
+/// `KEY=value` lines, as the stack scripts write them.
+fn parse_env(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// Endpoints and certificates of the TLS stack (`deploy/tls-stack.sh up`, which `make test`
+/// runs): Kafka SASL_SSL (SCRAM-SHA-512) and mTLS listeners, Redis over TLS only, PostgreSQL
+/// accepting the `triage` role only over TLS.
+#[derive(Clone, Debug)]
+pub struct TlsStack {
+    /// Folder of `ca.crt`, `wrong-ca.crt`, `client.crt`/`client.key`, `kafka-password` and
+    /// `postgres-password`.
+    pub certs: PathBuf,
+    pub kafka_sasl_bootstrap: String,
+    pub kafka_mtls_bootstrap: String,
+    pub kafka_sasl_username: String,
+    pub redis_url: String,
+    /// Without the password: that is in `postgres-password`.
+    pub database_url: String,
+}
+
+impl TlsStack {
+    /// Reads `.local/tls/tls-stack.env`; panics with what to run when it is missing.
+    pub fn get() -> &'static TlsStack {
+        static STACK: OnceLock<TlsStack> = OnceLock::new();
+        STACK.get_or_init(|| {
+            let env_file = workspace_root().join(".local/tls/tls-stack.env");
+            let values = parse_env(&std::fs::read_to_string(&env_file).unwrap_or_else(|_| {
+                panic!(
+                    "the TLS stack is not running: run `deploy/tls-stack.sh up` (it writes {})",
+                    env_file.display()
+                )
+            }));
+            let take = |key: &str| {
+                values
+                    .get(key)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("{key} missing from {}", env_file.display()))
+            };
+            TlsStack {
+                certs: PathBuf::from(take("TLS_CERTS")),
+                kafka_sasl_bootstrap: take("TLS_KAFKA_SASL_BOOTSTRAP"),
+                kafka_mtls_bootstrap: take("TLS_KAFKA_MTLS_BOOTSTRAP"),
+                kafka_sasl_username: take("TLS_KAFKA_SASL_USERNAME"),
+                redis_url: take("TLS_REDIS_URL"),
+                database_url: take("TLS_DATABASE_URL"),
+            }
+        })
+    }
+
+    /// A file in the certificate folder (`ca.crt`, `wrong-ca.crt`, `client.key`, ...).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.certs.join(name)
+    }
+
+    /// The content of a password file, for asserting it never shows up in output.
+    pub fn password(&self, name: &str) -> String {
+        std::fs::read_to_string(self.file(name)).expect("password file")
     }
 }
 

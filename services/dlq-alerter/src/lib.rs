@@ -198,11 +198,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         SERVICE,
         &config.admin,
         &config.kafka,
-        registry.freeze(),
+        registry,
         Vec::new(),
         shutdown.clone(),
     )
     .await?;
+    admin.readiness.mark_ready();
     tracing::info!(
         service = SERVICE,
         outputs = ?output_names,
