@@ -313,7 +313,20 @@ impl TestContext {
                 self.topics.inference_tasks.clone(),
             ),
             ("TRIAGE_TOPICS__RESULTS".into(), self.topics.results.clone()),
-            // The production defaults (3 copies, 2 in sync) lowered to what the stack has.
+            (
+                "TRIAGE_TOPICS__DEAD_LETTERS".into(),
+                self.topics.dead_letters.clone(),
+            ),
+        ]
+    }
+
+    /// [`service_env`](Self::service_env) plus the topic-provisioning settings, for the
+    /// services that create topics (ticket-publisher, dlq-alerter): the production defaults
+    /// (3 copies, 2 in sync) lowered to what the stack has. The other services refuse the keys.
+    pub fn provisioning_service_env(&self) -> Vec<(String, String)> {
+        let stack = Stack::get();
+        let mut env = self.service_env();
+        env.extend([
             (
                 "TRIAGE_TOPIC_PROVISIONING__REPLICATION_FACTOR".into(),
                 stack.replication_factor.to_string(),
@@ -322,11 +335,8 @@ impl TestContext {
                 "TRIAGE_TOPIC_PROVISIONING__MIN_INSYNC_REPLICAS".into(),
                 stack.replication_factor.min(2).to_string(),
             ),
-            (
-                "TRIAGE_TOPICS__DEAD_LETTERS".into(),
-                self.topics.dead_letters.clone(),
-            ),
-        ]
+        ]);
+        env
     }
 }
 

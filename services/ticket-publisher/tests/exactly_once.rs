@@ -17,7 +17,7 @@ const EVENTS: usize = 20_000;
 const KILLS: usize = 4;
 
 fn dispatcher_env(ctx: &TestContext) -> Vec<(String, String)> {
-    let mut env = ctx.service_env();
+    let mut env = ctx.provisioning_service_env();
     env.extend([
         ("TRIAGE_INGRESS__ENABLED".into(), "false".into()),
         ("TRIAGE_TOPIC_PROVISIONING__ENABLED".into(), "false".into()),

@@ -12,7 +12,7 @@ const BINARY: &str = env!("CARGO_BIN_EXE_ticket-publisher");
 #[tokio::test]
 async fn starts_ready_and_exits_zero_on_sigterm() {
     let ctx = TestContext::new("ticket_publisher");
-    let mut env = ctx.service_env();
+    let mut env = ctx.provisioning_service_env();
     // Ephemeral ports, so that parallel tests and other services on this machine do not collide.
     env.extend([
         ("TRIAGE_INGRESS__HTTP_LISTEN".into(), "127.0.0.1:0".into()),
@@ -36,7 +36,7 @@ fn a_bad_configuration_value_fails_with_one_line_naming_the_key() {
 #[tokio::test]
 async fn stays_ready_with_redis_unreachable_and_reports_it_on_healthz_and_metrics() {
     let ctx = TestContext::new("tp_redis_down");
-    let mut env = ctx.service_env();
+    let mut env = ctx.provisioning_service_env();
     // A port nothing listens on: every Redis connection is refused.
     let closed_redis = format!("redis://127.0.0.1:{}", free_port());
     env.retain(|(key, _)| key != "TRIAGE_REDIS__URL");
