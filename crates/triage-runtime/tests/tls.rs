@@ -57,6 +57,7 @@ async fn round_trip(kafka: &KafkaConfig, test: &str) {
             name: topic.clone(),
             partitions: 2,
             replication_factor: 1,
+            min_insync_replicas: 1,
             retention: Duration::from_secs(3600),
         }],
     )
