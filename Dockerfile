@@ -28,12 +28,16 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+# The cached target directory is keyed on vendor/patches/: rdkafka-sys keeps librdkafka's object
+# files from its last build, so a changed patch under an old cache would ship the old librdkafka.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bins \
+    target="target/patches-$(cat vendor/patches/*.patch | sha256sum | cut -c1-16)" \
+    && CARGO_TARGET_DIR="$target" cargo build --release --locked --bins \
     && mkdir -p /out \
     && for bin in $BINARIES; do \
-         objcopy --strip-debug "target/release/$bin" "/out/$bin"; \
+         objcopy --strip-debug "$target/release/$bin" "/out/$bin"; \
        done
 
 # Binaries built outside (a host's `cargo build`, same Debian release as the runtime, so the same

@@ -42,6 +42,9 @@ export TRIAGE_TOPICS__INFERENCE_TASKS=bench.ticket-publisher.inference
 export TRIAGE_TOPICS__RESULTS=bench.ticket-publisher.results
 export TRIAGE_TOPICS__DEAD_LETTERS=bench.ticket-publisher.dlq
 export TRIAGE_TOPIC_PROVISIONING__PARTITIONS=6
+# One broker: the production defaults (3 copies, 2 in sync) lowered explicitly.
+export TRIAGE_TOPIC_PROVISIONING__REPLICATION_FACTOR=1
+export TRIAGE_TOPIC_PROVISIONING__MIN_INSYNC_REPLICAS=1
 export TRIAGE_TOPIC_PROVISIONING__RETENTION=1h
 export TRIAGE_DISPATCH__ENABLED=false
 export TRIAGE_INGRESS__HTTP_LISTEN=127.0.0.1:$HTTP_PORT

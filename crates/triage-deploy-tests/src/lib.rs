@@ -38,6 +38,7 @@ pub const VALUE_SETS: &[&str] = &[
     "keda-values.yaml",
     "existing-secrets-values.yaml",
     "sasl-tls-values.yaml",
+    "mtls-values.yaml",
 ];
 
 /// The workspace root.

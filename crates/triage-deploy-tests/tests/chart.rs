@@ -458,6 +458,28 @@ fn every_config_toml_loads_into_its_service_config() {
                     if let Some(path) = &config.llm.api_key_file {
                         assert_mounted(deployment, path, &context);
                     }
+                    // The worker knows the tenants of the API keys (their metric labels) and
+                    // those given weights and quotas in values.
+                    check_keys_file(
+                        &rendered,
+                        &existing,
+                        deployment,
+                        &config.tenants.keys_file,
+                        &context,
+                    );
+                    if *values == "secrets-values.yaml" {
+                        let acme = &config.tenants.known["acme"];
+                        assert_eq!(
+                            (
+                                acme.weight,
+                                acme.requests_per_minute,
+                                acme.tokens_per_minute
+                            ),
+                            (4, 300, 100_000),
+                            "{context}"
+                        );
+                        assert_eq!(config.tenants.known["globex.eu"].weight, 2, "{context}");
+                    }
                 }
                 "result-writer" => {
                     let config: result_writer::config::Config =

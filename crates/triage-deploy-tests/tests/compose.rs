@@ -52,6 +52,7 @@ fn every_service_environment_loads_into_its_config() {
     assert!(writer.database.url.expose().contains("@postgres:5432/"));
     let alerter: dlq_alerter::config::Config = load_config("", &env("dlq-alerter")).unwrap();
     assert_eq!(alerter.topic_provisioning.replication_factor, 1);
+    assert_eq!(alerter.topic_provisioning.min_insync_replicas, 1);
     let autoscaler: lag_autoscaler::config::Config =
         load_config("", &env("lag-autoscaler")).unwrap();
     assert!(!autoscaler.external_metrics.enabled);

@@ -357,6 +357,7 @@ async fn the_image_runs_the_pipeline_as_the_chart_deploys_it() {
             "deadLetters": context.topics.dead_letters,
             "partitions": 3,
             "replicationFactor": 1,
+            "minInsyncReplicas": 1,
         },
         "redis": {"url": stack.redis_url},
         "auth": {"keys": [{"tenant": "demo", "keySha256": hex::encode(Sha256::digest(&api_key))}]},

@@ -1,47 +1,84 @@
-//! The admin HTTP server of every service: `/healthz` (the process is alive), `/readyz` (every
-//! dependency answers, so traffic and partitions may be given to it) and `/metrics`.
+//! The admin HTTP server of every service: `/healthz` (the process is alive), `/readyz` (this
+//! pod can serve) and `/metrics`.
+//!
+//! # Readiness is about this pod, not its dependencies
+//! Kubernetes takes a pod that fails `/readyz` out of its Services. Were readiness to follow a
+//! shared dependency (the Kafka cluster, Redis, PostgreSQL), one hiccup of that dependency would
+//! fail every replica at once and empty the Service: callers would get connection errors from
+//! the load balancer instead of the ingress' own 503 with `Retry-After`. So `/readyz` answers 200
+//! from the moment the service has finished starting ([`Readiness::mark_ready`]: its listeners
+//! are bound, its migrations applied) until shutdown begins (then 503, so that no new request is
+//! routed to a draining pod). Readiness decides nothing about Kafka partitions: the
+//! consumer group assigns them to every member that polls, ready or not.
+//!
+//! Dependency health is still watched, where it informs without taking pods out: every
+//! [`DependencyCheck`] runs every [`CHECK_INTERVAL`] and sets the gauge
+//! `triage_dependency_up{dependency}` (1 answering, 0 not), and `/healthz?verbose` runs them on
+//! the spot and answers each one's status in words. `/healthz` itself stays 200, so a liveness
+//! probe never restarts a pod because something else is down.
 
-use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Query, State},
     http::{StatusCode, header},
     response::IntoResponse,
     routing::get,
 };
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{family::Family, gauge::Gauge},
+    registry::Registry,
+};
 use rdkafka::consumer::BaseConsumer;
+use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::{kafka, metrics::MetricsHandle, shutdown::Shutdown};
 
-/// How long one readiness check may take before it counts as failed.
+/// How long one dependency check may take before it counts as failed.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the dependency gauges are refreshed in the background.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
-/// One dependency `/readyz` asks about. The error is shown in the response; it must not contain
-/// secrets.
-pub trait ReadinessCheck: Send + Sync + 'static {
+/// One dependency whose health is reported on `/healthz?verbose` and as a gauge. The error is
+/// shown in the response; it must not contain secrets.
+pub trait DependencyCheck: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn check(&self) -> CheckFuture<'_>;
 }
 
-/// Ready when the Kafka cluster answers a metadata request.
-pub struct KafkaReadiness {
+/// The brokers answer when a metadata request for one topic comes back. One small topic, not the
+/// whole cluster's metadata: on a cluster with thousands of partitions that request is heavy,
+/// and every replica of every service would send it on each check. `__consumer_offsets` exists on
+/// every cluster that has seen a consumer group; an unknown topic still returns the brokers.
+pub struct KafkaHealth {
     client: Arc<BaseConsumer>,
 }
 
-impl KafkaReadiness {
+const KAFKA_PROBE_TOPIC: &str = "__consumer_offsets";
+
+impl KafkaHealth {
     pub fn new(client: BaseConsumer) -> Self {
-        KafkaReadiness {
+        KafkaHealth {
             client: Arc::new(client),
         }
     }
 }
 
-impl ReadinessCheck for KafkaReadiness {
+impl DependencyCheck for KafkaHealth {
     fn name(&self) -> &'static str {
         "kafka"
     }
@@ -49,12 +86,119 @@ impl ReadinessCheck for KafkaReadiness {
     fn check(&self) -> CheckFuture<'_> {
         let client = Arc::clone(&self.client);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || kafka::probe_brokers(&client, CHECK_TIMEOUT))
-                .await
-                .map_err(|e| e.to_string())?
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            tokio::task::spawn_blocking(move || {
+                kafka::probe_brokers(&client, Some(KAFKA_PROBE_TOPIC), CHECK_TIMEOUT)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|_| ())
+            .map_err(|e| e.to_string())
         })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DependencyLabels {
+    dependency: String,
+}
+
+/// The dependency checks of one service and the gauge they set.
+#[derive(Clone)]
+pub struct Dependencies {
+    checks: Arc<Vec<Box<dyn DependencyCheck>>>,
+    up: Family<DependencyLabels, Gauge>,
+}
+
+impl Dependencies {
+    /// Registers `triage_dependency_up` in `registry`; every check starts as down until it has
+    /// answered once.
+    pub fn register(registry: &mut Registry, checks: Vec<Box<dyn DependencyCheck>>) -> Self {
+        let up = Family::<DependencyLabels, Gauge>::default();
+        registry.register(
+            "dependency_up",
+            "1 while the dependency answers its health check, 0 while it does not; never affects /readyz",
+            up.clone(),
+        );
+        for check in &checks {
+            up.get_or_create(&DependencyLabels {
+                dependency: check.name().to_owned(),
+            })
+            .set(0);
+        }
+        Dependencies {
+            checks: Arc::new(checks),
+            up,
+        }
+    }
+
+    /// Runs every check at once, sets the gauges, and returns each outcome.
+    pub async fn check_all(&self) -> Vec<(&'static str, Result<(), String>)> {
+        let results = futures::future::join_all(self.checks.iter().map(|check| async move {
+            let outcome =
+                match tokio::time::timeout(CHECK_TIMEOUT + Duration::from_secs(1), check.check())
+                    .await
+                {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
+                };
+            (check.name(), outcome)
+        }))
+        .await;
+        for (name, outcome) in &results {
+            self.up
+                .get_or_create(&DependencyLabels {
+                    dependency: (*name).to_owned(),
+                })
+                .set(i64::from(outcome.is_ok()));
+        }
+        results
+    }
+
+    /// Refreshes the gauges every `interval` until `shutdown` fires, logging each change of a
+    /// dependency's state once (not every failed check).
+    pub async fn watch(self, interval: Duration, mut shutdown: Shutdown) {
+        let mut last: Vec<(&'static str, bool)> = Vec::new();
+        loop {
+            let results = self.check_all().await;
+            for (name, outcome) in &results {
+                let up = outcome.is_ok();
+                let before = last
+                    .iter()
+                    .find(|(seen, _)| seen == name)
+                    .map(|(_, up)| *up);
+                if before != Some(up) {
+                    match outcome {
+                        Ok(()) => tracing::info!(dependency = name, "dependency answers"),
+                        Err(error) => {
+                            tracing::warn!(dependency = name, error = %error, "dependency does not answer")
+                        }
+                    }
+                }
+            }
+            last = results
+                .iter()
+                .map(|(name, outcome)| (*name, outcome.is_ok()))
+                .collect();
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = shutdown.wait() => return,
+            }
+        }
+    }
+}
+
+/// Whether this pod has finished starting. Set once by the service; shutdown is read from the
+/// [`Shutdown`] beside it.
+#[derive(Clone, Debug, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn mark_ready(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire)
     }
 }
 
@@ -62,7 +206,11 @@ impl ReadinessCheck for KafkaReadiness {
 pub struct AdminState {
     pub service: &'static str,
     pub metrics: MetricsHandle,
-    pub checks: Arc<Vec<Box<dyn ReadinessCheck>>>,
+    pub dependencies: Dependencies,
+    /// `/readyz` is 503 until the service marks it ready.
+    pub readiness: Readiness,
+    /// `/readyz` turns 503 once this fires: a draining pod takes no new requests.
+    pub shutdown: Shutdown,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -73,39 +221,56 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-async fn healthz(State(state): State<AdminState>) -> impl IntoResponse {
-    Json(json!({ "status": "ok", "service": state.service }))
+#[derive(Debug, Deserialize)]
+struct HealthQuery {
+    /// Present (`?verbose`, any value) to check and report every dependency.
+    verbose: Option<String>,
 }
 
-async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    let results = futures::future::join_all(state.checks.iter().map(|check| async move {
-        let outcome =
-            match tokio::time::timeout(CHECK_TIMEOUT + Duration::from_secs(1), check.check()).await
-            {
-                Ok(outcome) => outcome,
-                Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
-            };
-        (check.name(), outcome)
-    }))
-    .await;
-    let ready = results.iter().all(|(_, outcome)| outcome.is_ok());
-    let checks: serde_json::Map<String, serde_json::Value> = results
+async fn healthz(
+    State(state): State<AdminState>,
+    Query(query): Query<HealthQuery>,
+) -> impl IntoResponse {
+    if query.verbose.is_none() {
+        return Json(json!({ "status": "ok", "service": state.service }));
+    }
+    let results = state.dependencies.check_all().await;
+    let all_up = results.iter().all(|(_, outcome)| outcome.is_ok());
+    let dependencies: serde_json::Map<String, serde_json::Value> = results
         .into_iter()
         .map(|(name, outcome)| {
             let value = match outcome {
-                Ok(()) => json!({ "status": "ok" }),
-                Err(error) => json!({ "status": "failing", "error": error }),
+                Ok(()) => json!({ "status": "up" }),
+                Err(error) => json!({ "status": "down", "error": error }),
             };
             (name.to_owned(), value)
         })
         .collect();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let body = json!({ "status": if ready { "ready" } else { "not_ready" }, "service": state.service, "checks": checks });
-    (status, Json(body))
+    // Still 200: the process is alive; "degraded" tells a person which dependency is not.
+    Json(json!({
+        "status": if all_up { "ok" } else { "degraded" },
+        "service": state.service,
+        "dependencies": dependencies,
+    }))
+}
+
+async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    if state.shutdown.is_triggered() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "draining", "service": state.service })),
+        );
+    }
+    if !state.readiness.is_ready() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "starting", "service": state.service })),
+        );
+    }
+    (
+        StatusCode::OK,
+        Json(json!({ "status": "ready", "service": state.service })),
+    )
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
@@ -136,11 +301,11 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::metrics::MetricsRegistry;
+    use crate::{metrics::MetricsRegistry, shutdown};
 
     struct Fixed(Result<(), String>);
 
-    impl ReadinessCheck for Fixed {
+    impl DependencyCheck for Fixed {
         fn name(&self) -> &'static str {
             "fixed"
         }
@@ -150,11 +315,18 @@ mod tests {
         }
     }
 
-    fn app(outcome: Result<(), String>) -> Router {
+    fn app(outcome: Result<(), String>, shutdown: Shutdown) -> Router {
+        let readiness = Readiness::default();
+        readiness.mark_ready();
+        let mut registry = MetricsRegistry::new("test");
+        let dependencies =
+            Dependencies::register(registry.registry_mut(), vec![Box::new(Fixed(outcome))]);
         router(AdminState {
             service: "test",
-            metrics: MetricsRegistry::new("test").freeze(),
-            checks: Arc::new(vec![Box::new(Fixed(outcome))]),
+            metrics: registry.freeze(),
+            dependencies,
+            readiness,
+            shutdown,
         })
     }
 
@@ -169,20 +341,58 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn readyz_follows_its_checks() {
-        assert_eq!(get(app(Ok(())), "/readyz").await.0, StatusCode::OK);
-        let (status, body) = get(app(Err("broker down".into())), "/readyz").await;
+    async fn readyz_ignores_dependencies_and_fails_while_starting_and_draining() {
+        let down = || app(Err("broker down".into()), Shutdown::never());
+        assert_eq!(get(down(), "/readyz").await.0, StatusCode::OK);
+        assert_eq!(get(down(), "/healthz").await.0, StatusCode::OK);
+
+        let mut registry = MetricsRegistry::new("test");
+        let starting = router(AdminState {
+            service: "test",
+            dependencies: Dependencies::register(registry.registry_mut(), Vec::new()),
+            metrics: registry.freeze(),
+            readiness: Readiness::default(),
+            shutdown: Shutdown::never(),
+        });
+        let (status, body) = get(starting, "/readyz").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(body.contains("broker down"), "{body}");
-        assert_eq!(
-            get(app(Err("x".into())), "/healthz").await.0,
-            StatusCode::OK
+        assert!(body.contains("starting"), "{body}");
+
+        let (trigger, draining) = shutdown::channel();
+        trigger.fire();
+        let (status, body) = get(app(Ok(()), draining), "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("draining"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn healthz_verbose_names_each_dependency_and_sets_its_gauge() {
+        let down = app(Err("broker down".into()), Shutdown::never());
+        let (status, body) = get(down.clone(), "/healthz?verbose").await;
+        assert_eq!(status, StatusCode::OK);
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["status"], "degraded");
+        assert_eq!(body["dependencies"]["fixed"]["status"], "down");
+        assert_eq!(body["dependencies"]["fixed"]["error"], "broker down");
+        let metrics = get(down, "/metrics").await.1;
+        assert!(
+            metrics.contains("triage_dependency_up{dependency=\"fixed\"} 0"),
+            "{metrics}"
+        );
+
+        let up = app(Ok(()), Shutdown::never());
+        let body = get(up.clone(), "/healthz?verbose").await.1;
+        assert!(body.contains("\"up\""), "{body}");
+        let metrics = get(up, "/metrics").await.1;
+        assert!(
+            metrics.contains("triage_dependency_up{dependency=\"fixed\"} 1"),
+            "{metrics}"
         );
     }
 
     #[tokio::test]
     async fn metrics_are_exposed() {
-        let (status, body) = get(app(Ok(())), "/metrics").await;
+        let (status, body) = get(app(Ok(()), Shutdown::never()), "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(
             body.contains("triage_build_info{service=\"test\""),

@@ -161,9 +161,17 @@ pub struct KafkaConfig {
     /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` when SASL is used.
     pub sasl_mechanism: Option<String>,
     pub sasl_username: Option<String>,
+    /// The SASL password itself. Prefer `sasl_password_file` outside a developer's machine.
     pub sasl_password: Option<Secret>,
-    /// CA bundle to verify the brokers' certificates.
+    /// A file holding the SASL password (a mounted Kubernetes Secret); wins over `sasl_password`.
+    pub sasl_password_file: Option<PathBuf>,
+    /// CA bundle (PEM) to verify the brokers' certificates with `ssl` and `sasl_ssl`. librdkafka
+    /// also checks that the certificate names the broker's host (`ssl.endpoint.identification.algorithm=https`).
     pub ssl_ca_location: Option<PathBuf>,
+    /// Client certificate (PEM) for brokers that require mutual TLS (`ssl.client.auth=required`).
+    pub ssl_certificate_location: Option<PathBuf>,
+    /// Private key (PEM, unencrypted) of `ssl_certificate_location`.
+    pub ssl_key_location: Option<PathBuf>,
     /// Extra librdkafka properties, passed through as they are (e.g. `"socket.keepalive.enable" = "true"`).
     /// They override the producer and consumer defaults (`linger.ms`, `compression.type`, ...),
     /// not the settings a stage's correctness rests on (offset commits, transactions).
@@ -179,7 +187,10 @@ impl Default for KafkaConfig {
             sasl_mechanism: None,
             sasl_username: None,
             sasl_password: None,
+            sasl_password_file: None,
             ssl_ca_location: None,
+            ssl_certificate_location: None,
+            ssl_key_location: None,
             extra: BTreeMap::new(),
         }
     }
@@ -198,9 +209,31 @@ impl Validate for KafkaConfig {
             ));
         }
         if protocol.starts_with("sasl")
-            && (self.sasl_username.is_none() || self.sasl_password.is_none())
+            && (self.sasl_username.is_none()
+                || (self.sasl_password.is_none() && self.sasl_password_file.is_none()))
         {
-            problems.push("kafka.sasl_username and kafka.sasl_password are required with a sasl_* security_protocol".into());
+            problems.push("kafka.sasl_username and kafka.sasl_password (or kafka.sasl_password_file) are required with a sasl_* security_protocol".into());
+        }
+        if self.ssl_certificate_location.is_some() != self.ssl_key_location.is_some() {
+            problems.push(
+                "kafka.ssl_certificate_location and kafka.ssl_key_location must be set together"
+                    .into(),
+            );
+        }
+        for (key, path) in [
+            ("kafka.sasl_password_file", &self.sasl_password_file),
+            ("kafka.ssl_ca_location", &self.ssl_ca_location),
+            (
+                "kafka.ssl_certificate_location",
+                &self.ssl_certificate_location,
+            ),
+            ("kafka.ssl_key_location", &self.ssl_key_location),
+        ] {
+            if let Some(path) = path
+                && let Err(error) = std::fs::metadata(path)
+            {
+                problems.push(format!("{key} {}: {error}", path.display()));
+            }
         }
     }
 }
@@ -265,12 +298,18 @@ impl Validate for TopicsConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TopicProvisioning {
-    /// Create missing topics (and grow partition counts) at start. Off where a platform team
-    /// owns topic creation.
+    /// Create missing topics at start. Off where a platform team owns topic creation. An
+    /// existing topic is never changed: one with fewer partitions than `partitions` is only
+    /// warned about, since growing it remaps keys to partitions and breaks per-ticket order
+    /// (`pipeline topics grow` does it on an operator's explicit word).
     pub enabled: bool,
     /// Partitions of every pipeline topic; also the ceiling for consumer replicas.
     pub partitions: i32,
+    /// Copies of every partition. 3 (with `min_insync_replicas` 2) survives one broker down
+    /// without refusing writes or losing acknowledged ones; a one-broker dev stack sets 1.
     pub replication_factor: i32,
+    /// `min.insync.replicas` of every pipeline topic: how many copies an acks=all write needs.
+    pub min_insync_replicas: i32,
     /// `retention.ms` of the work topics.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
@@ -284,7 +323,8 @@ impl Default for TopicProvisioning {
         TopicProvisioning {
             enabled: true,
             partitions: 12,
-            replication_factor: 1,
+            replication_factor: 3,
+            min_insync_replicas: 2,
             retention: Duration::from_secs(7 * 24 * 3600),
             dead_letter_retention: Duration::from_secs(30 * 24 * 3600),
         }
@@ -303,6 +343,12 @@ impl Validate for TopicProvisioning {
             problems.push(format!(
                 "topic_provisioning.replication_factor must be at least 1, not {}",
                 self.replication_factor
+            ));
+        }
+        if self.min_insync_replicas < 1 || self.min_insync_replicas > self.replication_factor {
+            problems.push(format!(
+                "topic_provisioning.min_insync_replicas must be between 1 and replication_factor ({}), not {}",
+                self.replication_factor, self.min_insync_replicas
             ));
         }
     }
@@ -391,6 +437,29 @@ impl Validate for AdminConfig {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_provisioning_defaults_survive_one_broker_down_and_min_insync_is_checked() {
+        let defaults = TopicProvisioning::default();
+        assert_eq!(
+            (defaults.replication_factor, defaults.min_insync_replicas),
+            (3, 2)
+        );
+        let mut problems = Vec::new();
+        defaults.validate(&mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+
+        let one_broker_forgot_min_insync = TopicProvisioning {
+            replication_factor: 1,
+            ..Default::default()
+        };
+        one_broker_forgot_min_insync.validate(&mut problems);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("topic_provisioning.min_insync_replicas"),
+            "{problems:?}"
+        );
+    }
 
     #[derive(Default, Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields, default)]

@@ -12,6 +12,8 @@
 //! - [`auth`]: API keys (SHA-256 digests, constant-time) mapped to tenants.
 //! - [`service`]: the start-up and shutdown steps of every binary.
 //! - [`shutdown`]: SIGTERM/SIGINT and the shutdown broadcast.
+//! - [`tls`]: rustls for PostgreSQL and Redis, secrets read from files, and which errors are a
+//!   refused certificate.
 
 // Outside input (records, headers, provider answers, database rows, configuration) must never
 // panic a service, so the ways to panic are denied in service code. The few that remain guard
@@ -35,6 +37,7 @@ pub mod metrics;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 /// Every service allocates per record (decoded messages, headers, HTTP bodies, spans), and
 /// glibc's allocator was a fifth of the worker's CPU in its profile; mimalloc is cheaper for that

@@ -8,7 +8,7 @@ use triage_proto::{ContentType, Contract, v1};
 use triage_runtime::{
     config::{KafkaConfig, TopicProvisioning, TopicsConfig},
     kafka::{
-        admin::{TopicOutcome, TopicSpec, ensure_topics},
+        admin::{TopicOutcome, TopicSpec, ensure_topics, grow_partitions},
         headers,
         producer::ContractProducer,
     },
@@ -184,7 +184,7 @@ async fn trace_context_injected_on_produce_is_extracted_on_consume() {
 }
 
 #[tokio::test]
-async fn topic_creation_is_idempotent_and_applies_configured_partitions() {
+async fn topic_creation_is_idempotent_and_never_grows_an_existing_topic() {
     let context = TestContext::new("topics");
     let topics = TopicsConfig {
         tickets_created: context.topics.tickets_created.clone(),
@@ -192,8 +192,12 @@ async fn topic_creation_is_idempotent_and_applies_configured_partitions() {
         results: context.topics.results.clone(),
         dead_letters: context.topics.dead_letters.clone(),
     };
+    // The one-broker stack lowers the production defaults (3 copies, 2 in sync) explicitly.
+    let replication_factor = triage_test_support::Stack::get().replication_factor;
     let mut provisioning = TopicProvisioning {
         partitions: 3,
+        replication_factor,
+        min_insync_replicas: replication_factor.min(2),
         ..Default::default()
     };
     let kafka = kafka_config();
@@ -218,19 +222,37 @@ async fn topic_creation_is_idempotent_and_applies_configured_partitions() {
     );
     assert_eq!(partition_count(&topics.results), 3);
 
+    // More partitions configured than the topics have: provisioning warns and leaves them.
     provisioning.partitions = 5;
-    let grown = ensure_topics(&kafka, &TopicSpec::pipeline(&topics, &provisioning))
+    let undersized = ensure_topics(&kafka, &TopicSpec::pipeline(&topics, &provisioning))
         .await
         .unwrap();
     assert!(
-        grown
+        undersized
             .iter()
-            .all(|(_, outcome)| *outcome == TopicOutcome::Grown { from: 3 }),
-        "{grown:?}"
+            .all(|(_, outcome)| *outcome == TopicOutcome::Undersized { partitions: 3 }),
+        "{undersized:?}"
     );
     for topic in topics.all() {
-        assert_eq!(partition_count(topic), 5, "{topic}");
+        assert_eq!(partition_count(topic), 3, "{topic}");
     }
+
+    // The operator's explicit command grows one topic, and only that one.
+    let from = grow_partitions(&kafka, &topics.inference_tasks, 5)
+        .await
+        .unwrap();
+    assert_eq!(from, 3);
+    assert_eq!(partition_count(&topics.inference_tasks), 5);
+    assert_eq!(partition_count(&topics.results), 3);
+    // Shrinking is refused with words, not a broker error code.
+    let refused = grow_partitions(&kafka, &topics.inference_tasks, 4)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("has 5 partitions already"),
+        "{refused}"
+    );
+    triage_test_support::delete_topics(&topics.all()).await;
 }
 
 fn partition_count(topic: &str) -> usize {
@@ -240,4 +262,106 @@ fn partition_count(topic: &str) -> usize {
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .unwrap();
     metadata.topics()[0].partitions().len()
+}
+
+/// A dead-letter topic whose `max.message.bytes` is 64 KiB, far below what the producer
+/// allows: a 5 MiB poison record still becomes one dead letter that the broker accepts, cut to
+/// fit, marked truncated and carrying the original size.
+#[tokio::test]
+async fn a_huge_poison_record_becomes_a_dead_letter_that_fits_a_small_topic() {
+    use rdkafka::{
+        Timestamp,
+        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+        client::DefaultClientContext,
+        message::OwnedMessage,
+    };
+    use triage_runtime::{
+        kafka::{
+            consumer::Disposition,
+            dead_letter::{DeadLetterTarget, Failure},
+            producer::RetryDelays,
+        },
+        shutdown::Shutdown,
+    };
+
+    let context = TestContext::new("dlq_size");
+    let topic = context.topics.dead_letters.clone();
+    let admin: AdminClient<DefaultClientContext> =
+        triage_test_support::client_config().create().unwrap();
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(
+                &topic,
+                1,
+                TopicReplication::Fixed(Stack::get().replication_factor),
+            )
+            .set("max.message.bytes", "65536")],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+        )
+        .await
+        .unwrap();
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    // Wait until the topic has a leader (the shared helper tolerates the existing topic).
+    create_topics(&[topic.as_str()], 1).await;
+
+    // Incompressible: the topic's limit applies to the compressed batch, and a value of one
+    // repeated byte would fit compressed without being cut.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let value: Vec<u8> = (0..5 * 1024 * 1024)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let poison = OwnedMessage::new(
+        Some(value.clone()),
+        Some(b"ticket-huge".to_vec()),
+        "events".into(),
+        Timestamp::NotAvailable,
+        3,
+        42,
+        None,
+    );
+    let producer = producer(ContentType::Protobuf);
+    let shutdown = Shutdown::never();
+    let target = DeadLetterTarget {
+        producer: &producer,
+        topic: &topic,
+        service: "runtime-test",
+        delays: RetryDelays {
+            min: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+        },
+        shutdown: &shutdown,
+    };
+    let disposition = target
+        .produce(
+            &poison,
+            Failure::immediate(v1::ErrorClass::InvalidEvent, "record too large to decode"),
+            &opentelemetry::Context::new(),
+        )
+        .await;
+    assert_eq!(disposition, Disposition::Done);
+    assert!(
+        producer.max_message_bytes() <= 65536,
+        "the producer learned the topic's limit: {}",
+        producer.max_message_bytes()
+    );
+
+    let records = read_records(&consumer(&topic), 1, Duration::from_secs(30)).await;
+    let record = &records[0];
+    assert!(record.payload().unwrap().len() <= 65536);
+    let dead_letter: v1::DeadLetter = triage_proto::decode(
+        record.payload().unwrap(),
+        headers::get_str(record.headers(), "content-type"),
+    )
+    .unwrap();
+    assert!(dead_letter.original_value_truncated);
+    assert_eq!(dead_letter.original_value_size, value.len() as u64);
+    assert!(!dead_letter.original_value.is_empty());
+    assert!(value.starts_with(&dead_letter.original_value));
+    assert_eq!(dead_letter.source_offset, 42);
+    triage_test_support::delete_topics(&[topic.as_str()]).await;
 }

@@ -38,22 +38,36 @@ pub struct Stack {
     pub kafka_bootstrap: String,
     pub redis_url: String,
     pub database_url: String,
+    /// Brokers in the cluster (`KAFKA_BROKERS`, 1 when unset): more than one means
+    /// `deploy/stack.sh --brokers N`, whose nodes the chaos run kills one at a time.
+    pub kafka_brokers: usize,
+    /// Replication factor of the topics tests create (`KAFKA_REPLICATION_FACTOR`, 1 when unset).
+    pub replication_factor: i32,
 }
 
 impl Stack {
-    /// Reads `.local/stack.env` (written by `deploy/stack.sh up`); `KAFKA_BOOTSTRAP`,
-    /// `REDIS_URL` and `DATABASE_URL` in the environment take precedence.
+    /// Reads `.local/stack.env` (written by `deploy/stack.sh up`), or the file
+    /// `STACK_ENV_FILE` names (`.local/cluster.env` for the three-broker cluster); `KAFKA_BOOTSTRAP`,
+    /// `REDIS_URL`, `DATABASE_URL`, `KAFKA_BROKERS` and `KAFKA_REPLICATION_FACTOR` in the
+    /// environment take precedence.
+    ///
+    /// A file rather than exported endpoints: build scripts that watch `DATABASE_URL` would
+    /// rebuild their crates whenever the test harness runs `cargo build` under another value.
     pub fn get() -> &'static Stack {
         static STACK: OnceLock<Stack> = OnceLock::new();
         STACK.get_or_init(|| {
-            let env_file = workspace_root().join(".local/stack.env");
-            let mut values: HashMap<String, String> = std::fs::read_to_string(&env_file)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|line| line.split_once('='))
-                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                .collect();
-            for key in ["KAFKA_BOOTSTRAP", "REDIS_URL", "DATABASE_URL"] {
+            let env_file = match std::env::var_os("STACK_ENV_FILE") {
+                Some(path) => workspace_root().join(path),
+                None => workspace_root().join(".local/stack.env"),
+            };
+            let mut values = parse_env(&std::fs::read_to_string(&env_file).unwrap_or_default());
+            for key in [
+                "KAFKA_BOOTSTRAP",
+                "REDIS_URL",
+                "DATABASE_URL",
+                "KAFKA_BROKERS",
+                "KAFKA_REPLICATION_FACTOR",
+            ] {
                 if let Ok(value) = std::env::var(key) {
                     values.insert(key.to_owned(), value);
                 }
@@ -70,8 +84,84 @@ impl Stack {
                 kafka_bootstrap: take("KAFKA_BOOTSTRAP"),
                 redis_url: take("REDIS_URL"),
                 database_url: take("DATABASE_URL"),
+                kafka_brokers: values
+                    .get("KAFKA_BROKERS")
+                    .map(|brokers| brokers.parse().expect("KAFKA_BROKERS is a number"))
+                    .unwrap_or(1),
+                replication_factor: values
+                    .get("KAFKA_REPLICATION_FACTOR")
+                    .map(|factor| {
+                        factor
+                            .parse()
+                            .expect("KAFKA_REPLICATION_FACTOR is a number")
+                    })
+                    .unwrap_or(1),
             }
         })
+    }
+}
+
+/// `KEY=value` lines, as the stack scripts write them.
+fn parse_env(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// Endpoints and certificates of the TLS stack (`deploy/tls-stack.sh up`, which `make test`
+/// runs): Kafka SASL_SSL (SCRAM-SHA-512) and mTLS listeners, Redis over TLS only, PostgreSQL
+/// accepting the `triage` role only over TLS.
+#[derive(Clone, Debug)]
+pub struct TlsStack {
+    /// Folder of `ca.crt`, `wrong-ca.crt`, `client.crt`/`client.key`, `kafka-password` and
+    /// `postgres-password`.
+    pub certs: PathBuf,
+    pub kafka_sasl_bootstrap: String,
+    pub kafka_mtls_bootstrap: String,
+    pub kafka_sasl_username: String,
+    pub redis_url: String,
+    /// Without the password: that is in `postgres-password`.
+    pub database_url: String,
+}
+
+impl TlsStack {
+    /// Reads `.local/tls/tls-stack.env`; panics with what to run when it is missing.
+    pub fn get() -> &'static TlsStack {
+        static STACK: OnceLock<TlsStack> = OnceLock::new();
+        STACK.get_or_init(|| {
+            let env_file = workspace_root().join(".local/tls/tls-stack.env");
+            let values = parse_env(&std::fs::read_to_string(&env_file).unwrap_or_else(|_| {
+                panic!(
+                    "the TLS stack is not running: run `deploy/tls-stack.sh up` (it writes {})",
+                    env_file.display()
+                )
+            }));
+            let take = |key: &str| {
+                values
+                    .get(key)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("{key} missing from {}", env_file.display()))
+            };
+            TlsStack {
+                certs: PathBuf::from(take("TLS_CERTS")),
+                kafka_sasl_bootstrap: take("TLS_KAFKA_SASL_BOOTSTRAP"),
+                kafka_mtls_bootstrap: take("TLS_KAFKA_MTLS_BOOTSTRAP"),
+                kafka_sasl_username: take("TLS_KAFKA_SASL_USERNAME"),
+                redis_url: take("TLS_REDIS_URL"),
+                database_url: take("TLS_DATABASE_URL"),
+            }
+        })
+    }
+
+    /// A file in the certificate folder (`ca.crt`, `wrong-ca.crt`, `client.key`, ...).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.certs.join(name)
+    }
+
+    /// The content of a password file, for asserting it never shows up in output.
+    pub fn password(&self, name: &str) -> String {
+        std::fs::read_to_string(self.file(name)).expect("password file")
     }
 }
 
@@ -229,14 +319,40 @@ impl TestContext {
             ),
         ]
     }
+
+    /// [`service_env`](Self::service_env) plus the topic-provisioning settings, for the
+    /// services that create topics (ticket-publisher, dlq-alerter): the production defaults
+    /// (3 copies, 2 in sync) lowered to what the stack has. The other services refuse the keys.
+    pub fn provisioning_service_env(&self) -> Vec<(String, String)> {
+        let stack = Stack::get();
+        let mut env = self.service_env();
+        env.extend([
+            (
+                "TRIAGE_TOPIC_PROVISIONING__REPLICATION_FACTOR".into(),
+                stack.replication_factor.to_string(),
+            ),
+            (
+                "TRIAGE_TOPIC_PROVISIONING__MIN_INSYNC_REPLICAS".into(),
+                stack.replication_factor.min(2).to_string(),
+            ),
+        ]);
+        env
+    }
 }
 
-/// Creates topics (replication factor 1) on the stack's broker, tolerating existing ones.
+/// Creates topics on the stack's broker (replication factor from [`Stack`]), tolerating
+/// existing ones.
 pub async fn create_topics(names: &[&str], partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = client_config().create().expect("admin client");
     let new_topics: Vec<NewTopic<'_>> = names
         .iter()
-        .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(1)))
+        .map(|name| {
+            NewTopic::new(
+                name,
+                partitions,
+                TopicReplication::Fixed(Stack::get().replication_factor),
+            )
+        })
         .collect();
     let results = admin
         .create_topics(

@@ -95,6 +95,22 @@ tokens_per_minute = {{ int $w.rateLimit.tokensPerMinute }}
 [retry]
 deadline = {{ include "tt.str" $w.retryDeadline }}
 
+[tenants]
+call_window = {{ int $w.tenants.callWindow }}
+reserved_calls = {{ int $w.tenants.reservedCalls }}
+budget_reserve = {{ float64 $w.tenants.budgetReserve }}
+default_weight = {{ int $w.tenants.defaultWeight }}
+{{- if include "tt.hasApiKeys" . }}
+keys_file = "/etc/triage/secrets/api-keys"
+{{- end }}
+{{- range $tenant, $t := $w.tenants.known }}
+
+[tenants.known.{{ include "tt.str" $tenant }}]
+weight = {{ int (default 1 $t.weight) }}
+requests_per_minute = {{ int (default 0 $t.requestsPerMinute) }}
+tokens_per_minute = {{ int (default 0 $t.tokensPerMinute) }}
+{{- end }}
+
 [cache]
 # redis_url comes from TRIAGE_CACHE__REDIS_URL (a Secret).
 key_prefix = {{ include "tt.str" $w.cacheKeyPrefix }}

@@ -96,6 +96,10 @@ sasl_username = {{ include "tt.str" $v.kafka.sasl.username }}
 {{- if and (hasSuffix "ssl" $v.kafka.securityProtocol) $v.kafka.tls.caSecret }}
 ssl_ca_location = "/etc/triage/kafka-ca/{{ $v.kafka.tls.caSecretKey }}"
 {{- end }}
+{{- if and (hasSuffix "ssl" $v.kafka.securityProtocol) $v.kafka.tls.clientSecret }}
+ssl_certificate_location = "/etc/triage/kafka-client/{{ $v.kafka.tls.clientCertKey }}"
+ssl_key_location = "/etc/triage/kafka-client/{{ $v.kafka.tls.clientKeyKey }}"
+{{- end }}
 {{- if $v.kafka.extra }}
 
 [kafka.extra]
@@ -130,6 +134,7 @@ drain_timeout = {{ include "tt.str" $v.admin.drainTimeout }}
 enabled = {{ and (eq $v.topics.provisioning "service") (index . 1) }}
 partitions = {{ int $v.topics.partitions }}
 replication_factor = {{ int $v.topics.replicationFactor }}
+min_insync_replicas = {{ int $v.topics.minInsyncReplicas }}
 retention = {{ include "tt.str" $v.topics.retention }}
 dead_letter_retention = {{ include "tt.str" $v.topics.deadLetterRetention }}
 {{- end -}}
@@ -173,6 +178,14 @@ dead_letter_retention = {{ include "tt.str" $v.topics.deadLetterRetention }}
     items:
       - {key: {{ $root.Values.kafka.tls.caSecretKey }}, path: {{ $root.Values.kafka.tls.caSecretKey }}}
 {{- end }}
+{{- if and (hasSuffix "ssl" $root.Values.kafka.securityProtocol) $root.Values.kafka.tls.clientSecret }}
+- name: kafka-client
+  secret:
+    secretName: {{ $root.Values.kafka.tls.clientSecret }}
+    items:
+      - {key: {{ $root.Values.kafka.tls.clientCertKey }}, path: {{ $root.Values.kafka.tls.clientCertKey }}}
+      - {key: {{ $root.Values.kafka.tls.clientKeyKey }}, path: {{ $root.Values.kafka.tls.clientKeyKey }}}
+{{- end }}
 {{- end -}}
 
 {{- define "tt.sharedVolumeMounts" -}}
@@ -180,6 +193,9 @@ dead_letter_retention = {{ include "tt.str" $v.topics.deadLetterRetention }}
 - {name: tmp, mountPath: /tmp}
 {{- if and (hasSuffix "ssl" .Values.kafka.securityProtocol) .Values.kafka.tls.caSecret }}
 - {name: kafka-ca, mountPath: /etc/triage/kafka-ca, readOnly: true}
+{{- end }}
+{{- if and (hasSuffix "ssl" .Values.kafka.securityProtocol) .Values.kafka.tls.clientSecret }}
+- {name: kafka-client, mountPath: /etc/triage/kafka-client, readOnly: true}
 {{- end }}
 {{- end -}}
 

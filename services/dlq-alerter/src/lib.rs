@@ -200,7 +200,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         SERVICE,
         &config.admin,
         &config.kafka,
-        registry.freeze(),
+        registry,
         Vec::new(),
         shutdown.clone(),
     )
@@ -225,6 +225,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         }
         None => None,
     };
+    admin.readiness.mark_ready();
     tracing::info!(
         service = SERVICE,
         outputs = ?output_names,

@@ -79,7 +79,7 @@ async fn alerts_carry_every_field_redacted_and_never_a_secret() {
     )
     .await;
 
-    let mut env = context.service_env();
+    let mut env = context.provisioning_service_env();
     env.extend([
         ("TRIAGE_SLACK__WEBHOOK_URL".to_owned(), slack_url.clone()),
         ("TRIAGE_WEBHOOK__URL".to_owned(), webhook_url.clone()),

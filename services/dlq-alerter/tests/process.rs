@@ -9,7 +9,7 @@ const BINARY: &str = env!("CARGO_BIN_EXE_dlq-alerter");
 
 #[tokio::test]
 async fn starts_ready_and_exits_zero_on_sigterm() {
-    let mut env = TestContext::new("dlq_alerter").service_env();
+    let mut env = TestContext::new("dlq_alerter").provisioning_service_env();
     // An output is required; nothing is posted, as the test's dead-letter topic stays empty.
     env.push((
         "TRIAGE_WEBHOOK__URL".into(),

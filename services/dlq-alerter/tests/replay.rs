@@ -231,7 +231,7 @@ async fn replay_lists_then_re_publishes_exactly_the_filtered_tasks() {
 #[tokio::test]
 async fn the_replay_subcommand_lists_by_id_without_publishing() {
     let fixture = fixture("dlq-replay-cli").await;
-    let env = fixture.context.service_env();
+    let env = fixture.context.provisioning_service_env();
     let output = tokio::task::spawn_blocking(move || {
         ServiceProcess::run_to_exit(BINARY.as_ref(), &["replay", "--id", "replay-b"], &env)
     })

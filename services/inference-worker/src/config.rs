@@ -7,6 +7,7 @@ use triage_runtime::{
     config::{AdminConfig, KafkaConfig, Secret, TelemetryConfig, TopicsConfig, Validate},
     kafka::consumer::ConsumerConfig,
     service::ServiceConfig,
+    tls::TlsConfig,
 };
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -292,7 +293,11 @@ pub enum RedisUnavailable {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
+    /// `redis://` or `rediss://` (TLS) URL; may hold a password, so it is never printed.
     pub redis_url: Secret,
+    /// TLS with verify-full towards Redis (`rediss://` URL, CA file, optional client
+    /// certificate). A refused certificate stops the worker with exit code 78.
+    pub tls: TlsConfig,
     /// Prefix of every key, so that several pipelines can share one Redis.
     pub key_prefix: String,
     /// How long a paid result is kept for replays and duplicates.
@@ -309,6 +314,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             redis_url: Secret::new("redis://127.0.0.1:6379"),
+            tls: TlsConfig::default(),
             key_prefix: "triage:".into(),
             result_ttl: Duration::from_secs(7 * 24 * 3600),
             lease_ttl: Duration::from_secs(15),
@@ -368,6 +374,7 @@ impl Validate for Config {
         if self.rate_limit.burst.is_zero() {
             problems.push("rate_limit.burst must be longer than zero".into());
         }
+        self.cache.tls.validate_at("cache.tls", problems);
         if self.cache.lease_ttl < Duration::from_secs(1) {
             problems.push("cache.lease_ttl must be at least 1s".into());
         }

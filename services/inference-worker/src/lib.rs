@@ -40,7 +40,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use triage_runtime::{
-    admin_http::{CheckFuture, ReadinessCheck},
+    admin_http::{CheckFuture, DependencyCheck},
     kafka::{
         consumer::{self, ConsumerMetrics, ConsumerRun, FetchGate},
         producer::ContractProducer,
@@ -66,9 +66,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let worker_metrics = WorkerMetrics::register(registry.registry_mut());
 
     let client = LlmClient::new(&config.llm).context("failed to build the LLM client")?;
-    let store = RedisStore::connect(config.cache.redis_url.expose(), &config.cache.key_prefix)
-        .await
-        .context("failed to connect to redis (cache.redis_url)")?;
+    let store = RedisStore::connect(
+        &config.cache.redis_url,
+        &config.cache.tls,
+        &config.cache.key_prefix,
+    )
+    .await
+    .context("failed to connect to redis (cache.redis_url)")?;
     let producer = ContractProducer::new(
         &config.kafka,
         SERVICE,
@@ -79,8 +83,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         SERVICE,
         &config.admin,
         &config.kafka,
-        registry.freeze(),
-        vec![Box::new(RedisReadiness(store.clone()))],
+        registry,
+        vec![Box::new(RedisHealth(store.clone()))],
         shutdown.clone(),
     )
     .await?;
@@ -107,6 +111,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         fairness,
         config: config.clone(),
     });
+    admin.readiness.mark_ready();
     tracing::info!(
         base_url = %config.llm.base_url,
         max_in_flight = config.consumer.max_in_flight,
@@ -128,9 +133,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct RedisReadiness(RedisStore);
+struct RedisHealth(RedisStore);
 
-impl ReadinessCheck for RedisReadiness {
+impl DependencyCheck for RedisHealth {
     fn name(&self) -> &'static str {
         "redis"
     }

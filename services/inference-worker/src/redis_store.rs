@@ -4,12 +4,25 @@
 use std::{sync::LazyLock, time::Duration};
 
 use redis::{Script, aio::ConnectionManager};
+use triage_runtime::{config::Secret, tls::TlsConfig};
 
 /// Why Redis could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("redis is unavailable: {0}")]
     Unavailable(String),
+    /// The URL or the TLS settings cannot be used.
+    #[error("cannot build the Redis client: {0}")]
+    Client(#[source] triage_runtime::tls::RedisClientError),
+    /// Redis' certificate was refused (or ours was): no retry helps until an operator acts.
+    #[error("redis refused the TLS handshake: {0}")]
+    CertificateRefused(#[source] redis::RedisError),
+}
+
+impl From<triage_runtime::tls::RedisClientError> for StoreError {
+    fn from(error: triage_runtime::tls::RedisClientError) -> Self {
+        StoreError::Client(error)
+    }
 }
 
 impl From<redis::RedisError> for StoreError {
@@ -189,13 +202,21 @@ impl BudgetRequest {
 }
 
 impl RedisStore {
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)?;
+    pub async fn connect(url: &Secret, tls: &TlsConfig, prefix: &str) -> Result<Self, StoreError> {
+        let client = triage_runtime::tls::redis_client(url, tls)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Duration::from_secs(1))
             .set_response_timeout(Duration::from_secs(1))
             .set_number_of_retries(1);
-        let connection = ConnectionManager::new_with_config(client, config).await?;
+        let connection = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|error| {
+                if triage_runtime::tls::is_certificate_rejection(&error) {
+                    StoreError::CertificateRefused(error)
+                } else {
+                    StoreError::from(error)
+                }
+            })?;
         Ok(RedisStore {
             connection,
             prefix: prefix.to_owned(),

@@ -46,12 +46,7 @@ use std::{sync::Arc, time::Instant};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch, time::MissedTickBehavior};
-use triage_runtime::{
-    admin_http::{self, AdminState, KafkaReadiness, ReadinessCheck},
-    kafka,
-    metrics::{MetricsHandle, MetricsRegistry},
-    shutdown::Shutdown,
-};
+use triage_runtime::{admin_http, metrics::MetricsRegistry, service, shutdown::Shutdown};
 
 pub use config::Config;
 
@@ -70,7 +65,6 @@ pub async fn run(config: Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     let targets = config.targets();
     let mut registry = MetricsRegistry::new(SERVICE);
     let metrics = Metrics::register(registry.registry_mut());
-    let metrics_handle = registry.freeze();
     let initial = LagSnapshot {
         taken_at_ms: 0,
         offsets_read_at: None,
@@ -84,13 +78,8 @@ pub async fn run(config: Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     } else {
         None
     };
-    let admin = start_admin(
-        &config,
-        metrics_handle,
-        snapshot_rx.clone(),
-        shutdown.clone(),
-    )
-    .await?;
+    let (admin, readiness) =
+        start_admin(&config, registry, snapshot_rx.clone(), shutdown.clone()).await?;
     let external = if config.external_metrics.enabled {
         let auth = aggregator_auth::RequestHeaderAuth::from_config(
             &config.external_metrics.authentication,
@@ -104,6 +93,7 @@ pub async fn run(config: Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     } else {
         None
     };
+    readiness.mark_ready();
     tracing::info!(
         service = SERVICE,
         groups = targets.len(),
@@ -138,25 +128,31 @@ pub async fn run(config: Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The shared admin endpoints (`/healthz`, `/readyz` on the brokers, `/metrics`) plus
-/// `/api/v1/lag`, on `admin.listen`.
+/// The shared admin endpoints (`/healthz`, `/readyz`, `/metrics`, Kafka's health as a
+/// dependency) plus `/api/v1/lag`, on `admin.listen`.
 async fn start_admin(
     config: &Config,
-    metrics: MetricsHandle,
+    registry: MetricsRegistry,
     snapshot: watch::Receiver<Arc<LagSnapshot>>,
     shutdown: Shutdown,
-) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
-    let probe = kafka::probe_client(&config.kafka, SERVICE)?;
-    let checks: Vec<Box<dyn ReadinessCheck>> = vec![Box::new(KafkaReadiness::new(probe))];
+) -> anyhow::Result<(
+    tokio::task::JoinHandle<std::io::Result<()>>,
+    admin_http::Readiness,
+)> {
+    let (router, readiness) = service::admin_router(
+        SERVICE,
+        &config.kafka,
+        registry,
+        Vec::new(),
+        shutdown.clone(),
+    )?;
+    let router = router.merge(lag_api::router(snapshot));
     let listener = TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("failed to bind the admin server to {}", config.admin.listen))?;
-    let router = admin_http::router(AdminState {
-        service: SERVICE,
-        metrics,
-        checks: Arc::new(checks),
-    })
-    .merge(lag_api::router(snapshot));
     tracing::info!(address = %listener.local_addr()?, "admin server listening");
-    Ok(tokio::spawn(admin_http::serve(listener, router, shutdown)))
+    Ok((
+        tokio::spawn(admin_http::serve(listener, router, shutdown)),
+        readiness,
+    ))
 }

@@ -312,6 +312,7 @@ fn values(ctx: &TestContext, mode: &str, metrics_port: u16) -> Value {
             "deadLetters": ctx.topics.dead_letters,
             "partitions": PARTITIONS,
             "replicationFactor": 1,
+            "minInsyncReplicas": 1,
             "provisioning": "none",
         },
         "ticketDispatcher": {"groupId": ctx.group("ticket-dispatcher")},

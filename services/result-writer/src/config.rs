@@ -1,6 +1,6 @@
 //! Configuration of result-writer; see `triage_runtime::config` for how it is loaded.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use triage_runtime::{
@@ -8,6 +8,7 @@ use triage_runtime::{
     config::{AdminConfig, KafkaConfig, Secret, TelemetryConfig, TopicsConfig, Validate},
     kafka::consumer::ConsumerConfig,
     service::ServiceConfig,
+    tls::TlsConfig,
 };
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -71,6 +72,11 @@ impl Default for Config {
 pub struct DatabaseConfig {
     /// `postgres://user[:password]@host:port/db`; may hold a password, so it is never printed.
     pub url: Secret,
+    /// A file holding the password (a mounted Kubernetes Secret); wins over one in `url`.
+    pub password_file: Option<PathBuf>,
+    /// TLS with verify-full: the server's certificate must chain to `tls.ca_file` and name the
+    /// URL's host. A refused certificate stops the service with exit code 78.
+    pub tls: TlsConfig,
     /// The schema the table and migrations live in; created when missing.
     pub schema: String,
     /// Connections in the pool (the batch writer uses one, the read API the others).
@@ -92,6 +98,8 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
             url: Secret::new("postgres://triage@127.0.0.1:5432/triage"),
+            password_file: None,
+            tls: TlsConfig::default(),
             schema: "public".into(),
             pool_size: 8,
             connect_timeout: Duration::from_secs(5),
@@ -249,6 +257,15 @@ impl Validate for Config {
         {
             // The parser's message may quote the URL, password included: say only where.
             problems.push("database.url is not a valid PostgreSQL connection URL".into());
+        }
+        database.tls.validate_at("database.tls", problems);
+        if let Some(path) = &database.password_file
+            && let Err(error) = std::fs::metadata(path)
+        {
+            problems.push(format!(
+                "database.password_file {}: {error}",
+                path.display()
+            ));
         }
         if !is_plain_identifier(&database.schema) {
             problems.push(format!(

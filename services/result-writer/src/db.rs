@@ -14,6 +14,7 @@ use std::{collections::HashMap, time::Duration};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::{NoTls, Row, types::ToSql};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::{
     config::{DatabaseConfig, is_plain_identifier},
@@ -49,6 +50,8 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
 pub enum DbError {
     #[error("cannot build the PostgreSQL pool: {0}")]
     Build(String),
+    #[error("cannot set up TLS for PostgreSQL: {0}")]
+    Tls(#[from] triage_runtime::tls::TlsError),
     #[error("no PostgreSQL connection: {}", describe_pool(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("PostgreSQL query failed: {}", describe(.0))]
@@ -75,7 +78,7 @@ pub enum DbFailure {
 impl DbError {
     pub fn failure(&self) -> DbFailure {
         match self {
-            DbError::Build(_) | DbError::Schema(_) => DbFailure::Fatal,
+            DbError::Build(_) | DbError::Tls(_) | DbError::Schema(_) => DbFailure::Fatal,
             DbError::Pool(deadpool_postgres::PoolError::Backend(error)) | DbError::Query(error) => {
                 classify(error)
             }
@@ -85,6 +88,10 @@ impl DbError {
 }
 
 fn classify(error: &tokio_postgres::Error) -> DbFailure {
+    // A certificate refused either way fails again on every retry until an operator acts.
+    if triage_runtime::tls::is_certificate_rejection(error) {
+        return DbFailure::Fatal;
+    }
     let Some(code) = error.code().map(tokio_postgres::error::SqlState::code) else {
         // No SQLSTATE: the connection broke or never opened.
         return DbFailure::Transient;
@@ -110,7 +117,17 @@ fn describe(error: &tokio_postgres::Error) -> String {
             }
             text
         }
-        None => error.to_string(),
+        // tokio-postgres' own text hides the cause ("error performing TLS handshake"); the
+        // cause is what says which certificate was refused or which host did not answer.
+        None => {
+            let mut text = error.to_string();
+            let mut source = std::error::Error::source(error);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            text
+        }
     }
 }
 
@@ -135,13 +152,21 @@ pub fn connect(config: &DatabaseConfig) -> Result<Pool, DbError> {
         .options(format!("-c search_path={}", config.schema))
         .application_name(crate::SERVICE)
         .connect_timeout(config.connect_timeout);
-    let manager = Manager::from_config(
-        pg_config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    if let Some(path) = &config.password_file {
+        let password = triage_runtime::tls::read_secret_file("database.password_file", path)?;
+        pg_config.password(password.expose());
+    }
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = if config.tls.enabled {
+        // rustls checks the chain and the host name: libpq's sslmode=verify-full.
+        let tls = config.tls.rustls_client_config()?;
+        pg_config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        Manager::from_config(pg_config, MakeRustlsConnect::new(tls), manager_config)
+    } else {
+        Manager::from_config(pg_config, NoTls, manager_config)
+    };
     Pool::builder(manager)
         .max_size(config.pool_size)
         .runtime(Runtime::Tokio1)
@@ -511,7 +536,7 @@ impl Store {
             .collect())
     }
 
-    /// One round trip, for `/readyz`.
+    /// One round trip, for the dependency health check.
     pub async fn ping(&self, timeout: Duration) -> Result<(), DbError> {
         let client = self.pool.get().await?;
         let query = client.simple_query("SELECT 1");

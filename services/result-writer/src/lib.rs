@@ -51,7 +51,7 @@ use tokio::{
 };
 use triage_proto::ContentType;
 use triage_runtime::{
-    admin_http::{CheckFuture, ReadinessCheck},
+    admin_http::{CheckFuture, DependencyCheck},
     kafka::{
         consumer::{self, ConsumerMetrics, ConsumerRun, FetchGate},
         producer::ContractProducer,
@@ -65,10 +65,10 @@ pub use config::Config;
 
 pub const SERVICE: &str = "result-writer";
 
-/// `/readyz` is ready only while PostgreSQL answers.
-pub struct PostgresReadiness(pub db::Store);
+/// PostgreSQL answers a query: reported on `/healthz?verbose` and `triage_dependency_up`.
+pub struct PostgresHealth(pub db::Store);
 
-impl ReadinessCheck for PostgresReadiness {
+impl DependencyCheck for PostgresHealth {
     fn name(&self) -> &'static str {
         "postgres"
     }
@@ -95,13 +95,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         SERVICE,
         &config.admin,
         &config.kafka,
-        registry.freeze(),
-        vec![Box::new(PostgresReadiness(store.clone()))],
+        registry,
+        vec![Box::new(PostgresHealth(store.clone()))],
         shutdown.clone(),
     )
     .await?;
 
-    if !migrate_until_done(&store, &config.database, shutdown.clone()).await {
+    if !migrate_until_done(&store, &config.database, shutdown.clone()).await? {
         admin.task.await??;
         return Ok(());
     }
@@ -164,6 +164,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         retry_max_delay: config.database.retry_max_delay,
         shutdown: shutdown.clone(),
     });
+    admin.readiness.mark_ready();
     tracing::info!(service = SERVICE, topic = %config.topics.results, "started");
     // The handler (and with it the batcher's only sender) lives exactly as long as the consumer:
     // once the drain is over, the batcher writes what it holds and stops.
@@ -195,13 +196,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Applies the migrations, retrying while PostgreSQL is unreachable (the admin server already
-/// reports not ready meanwhile). False when shutdown came first.
+/// Applies the migrations, retrying while PostgreSQL is unreachable (`/healthz?verbose` says so
+/// meanwhile). False when shutdown came first; an error when no retry can help (a refused
+/// certificate, wrong credentials, a missing database): the service then exits instead of
+/// retrying forever.
 async fn migrate_until_done(
     store: &db::Store,
     database: &config::DatabaseConfig,
     mut shutdown: Shutdown,
-) -> bool {
+) -> anyhow::Result<bool> {
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(database.retry_min_delay)
         .with_max_delay(database.retry_max_delay)
@@ -212,14 +215,17 @@ async fn migrate_until_done(
         match db::migrate(store.pool(), &database.schema).await {
             Ok(applied) => {
                 tracing::info!(schema = %database.schema, applied, "database schema up to date");
-                return true;
+                return Ok(true);
+            }
+            Err(error) if error.failure() == db::DbFailure::Fatal => {
+                return Err(error).context("failed to migrate the database");
             }
             Err(error) => {
                 let delay = delays.next().unwrap_or(database.retry_max_delay);
                 tracing::warn!(error = %error, retry_in = ?delay, "cannot migrate the database yet");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
-                    () = shutdown.wait() => return false,
+                    () = shutdown.wait() => return Ok(false),
                 }
             }
         }

@@ -245,10 +245,22 @@ async fn postgres_unavailable_in_the_middle_of_a_run_loses_nothing() {
             .then_some(())
     })
     .await;
+    // The writer stays ready (PostgreSQL is shared by every replica) and says what is down.
     let readyz = reqwest::get(format!("http://{}/readyz", writer.admin))
         .await
         .unwrap();
-    assert_eq!(readyz.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(readyz.status(), StatusCode::OK);
+    let verbose: serde_json::Value =
+        reqwest::get(format!("http://{}/healthz?verbose", writer.admin))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(
+        verbose["dependencies"]["postgres"]["status"], "down",
+        "{verbose}"
+    );
     // Nothing is committed past what is durable: the offsets may not cover the unwritten 50.
     assert_eq!(db.count().await, Some(50));
     assert!(committed(&group, &ctx.topics.results, 1).await <= 50);

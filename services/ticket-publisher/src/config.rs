@@ -14,6 +14,7 @@ use triage_runtime::{
         Validate,
     },
     service::ServiceConfig,
+    tls::TlsConfig,
 };
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -96,8 +97,11 @@ impl Default for IngressConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`; may hold a password, so it is never printed.
+    /// `redis://host:port/db` or `rediss://` (TLS); may hold a password, so it is never printed.
     pub url: Secret,
+    /// TLS with verify-full towards Redis (`rediss://` URL, CA file, optional client
+    /// certificate).
+    pub tls: TlsConfig,
     /// Prefix of every key this service writes.
     pub key_prefix: String,
     /// Longest wait for one Redis command; past it, idempotent requests get 503.
@@ -109,6 +113,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: Secret::new("redis://127.0.0.1:6379"),
+            tls: TlsConfig::default(),
             key_prefix: "triage:ticket-publisher:".into(),
             timeout: Duration::from_millis(500),
         }
@@ -285,6 +290,7 @@ impl Validate for Config {
             }
         }
         self.auth.validate(problems);
+        self.redis.tls.validate_at("redis.tls", problems);
         if redis::IntoConnectionInfo::into_connection_info(self.redis.url.expose()).is_err() {
             problems.push("redis.url is not a valid redis:// URL".into());
         }

@@ -98,9 +98,12 @@ return 0",
 });
 
 impl IdempotencyStore {
-    pub fn new(config: &RedisConfig, ttl: Duration) -> Result<Self, redis::RedisError> {
+    pub fn new(
+        config: &RedisConfig,
+        ttl: Duration,
+    ) -> Result<Self, triage_runtime::tls::RedisClientError> {
         Ok(IdempotencyStore {
-            client: redis::Client::open(config.url.expose())?,
+            client: triage_runtime::tls::redis_client(&config.url, &config.tls)?,
             connection: Arc::new(Mutex::new(None)),
             prefix: format!("{}idem:", config.key_prefix),
             rate_prefix: format!("{}ratelimit:", config.key_prefix),
@@ -242,11 +245,13 @@ pub fn fingerprint(parts: &[&[u8]]) -> String {
     hex::encode(hasher.finalize())
 }
 
-/// `/readyz` asks whether Redis answers. The ingress still serves requests without a key while
-/// it is down, but a replica that cannot honour `Idempotency-Key` should not get new traffic.
-pub struct RedisReadiness(pub IdempotencyStore);
+/// Whether Redis answers, for `/healthz?verbose` and `triage_dependency_up`. Not for `/readyz`:
+/// Redis is shared by every replica, so failing readiness on it would take them all out of the
+/// Service at once. The ingress serves requests without a key meanwhile and answers those with
+/// one 503 + `Retry-After` itself.
+pub struct RedisHealth(pub IdempotencyStore);
 
-impl triage_runtime::admin_http::ReadinessCheck for RedisReadiness {
+impl triage_runtime::admin_http::DependencyCheck for RedisHealth {
     fn name(&self) -> &'static str {
         "redis"
     }

@@ -40,7 +40,7 @@ use anyhow::Context as _;
 use tokio::{net::TcpListener, task::JoinSet};
 use triage_proto::ContentType;
 use triage_runtime::{
-    admin_http::ReadinessCheck,
+    admin_http::DependencyCheck,
     kafka::{
         admin::{TopicSpec, ensure_topics},
         producer::ContractProducer,
@@ -55,7 +55,7 @@ pub use config::Config;
 use crate::{
     auth::ApiKeys,
     dispatch::{DispatchMetrics, Dispatcher},
-    idempotency::{IdempotencyStore, RedisReadiness},
+    idempotency::{IdempotencyStore, RedisHealth},
     ingress::{Ingress, IngressMetrics},
 };
 
@@ -159,12 +159,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let ingress_metrics = IngressMetrics::register(registry.registry_mut());
     let dispatch_metrics = DispatchMetrics::register(registry.registry_mut());
 
-    let mut checks: Vec<Box<dyn ReadinessCheck>> = Vec::new();
+    let mut checks: Vec<Box<dyn DependencyCheck>> = Vec::new();
     let mut tasks = JoinSet::new();
     if config.ingress.enabled {
         let ingress = build_ingress(&config, ingress_metrics)?;
         let store = IdempotencyStore::new(&config.redis, config.ingress.idempotency_ttl)?;
-        checks.push(Box::new(RedisReadiness(store)));
+        checks.push(Box::new(RedisHealth(store)));
         let http_listener = bind(config.ingress.http_listen, "HTTP ingress").await?;
         let grpc_listener = bind(config.ingress.grpc_listen, "gRPC ingress").await?;
         tracing::info!(
@@ -198,11 +198,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         SERVICE,
         &config.admin,
         &config.kafka,
-        registry.freeze(),
+        registry,
         checks,
         shutdown.clone(),
     )
     .await?;
+    admin.readiness.mark_ready();
     tracing::info!(
         service = SERVICE,
         ingress = config.ingress.enabled,

@@ -1,5 +1,8 @@
 //! The dispatch stage killed with SIGKILL in the middle of a batch and restarted: under
 //! read_committed there is exactly one task per event, none missing, none twice.
+//!
+//! A `cluster_` test: make test runs it on the three-broker cluster (`make test-cluster`), where
+//! the transaction log and the task topic have three copies and two must be in sync.
 
 mod common;
 
@@ -14,7 +17,7 @@ const EVENTS: usize = 20_000;
 const KILLS: usize = 4;
 
 fn dispatcher_env(ctx: &TestContext) -> Vec<(String, String)> {
-    let mut env = ctx.service_env();
+    let mut env = ctx.provisioning_service_env();
     env.extend([
         ("TRIAGE_INGRESS__ENABLED".into(), "false".into()),
         ("TRIAGE_TOPIC_PROVISIONING__ENABLED".into(), "false".into()),
@@ -34,7 +37,7 @@ fn dispatcher_env(ctx: &TestContext) -> Vec<(String, String)> {
 }
 
 #[tokio::test]
-async fn kill_9_mid_batch_then_restart_gives_exactly_one_task_per_event() {
+async fn cluster_kill_9_mid_batch_then_restart_gives_exactly_one_task_per_event() {
     let ctx = TestContext::new("tp_kill9");
     ctx.create_topics(3).await;
     common::produce_ticket_events(&ctx.topics.tickets_created, EVENTS).await;

@@ -19,7 +19,7 @@ const EVENTS: usize = 5_000;
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn dispatcher_env(ctx: &TestContext) -> Vec<(String, String)> {
-    let mut env = ctx.service_env();
+    let mut env = ctx.provisioning_service_env();
     env.extend([
         ("TRIAGE_INGRESS__ENABLED".into(), "false".into()),
         ("TRIAGE_TOPIC_PROVISIONING__ENABLED".into(), "false".into()),

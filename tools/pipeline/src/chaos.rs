@@ -5,6 +5,13 @@
 //!
 //! It restarts the shared broker, Redis and PostgreSQL: run it alone (make chaos, or the
 //! `serial_` phase of make test), never beside other tests.
+//!
+//! On a cluster (`deploy/stack.sh up --brokers 3`, `KAFKA_BROKERS` > 1) the broker restart
+//! becomes four faults: kill -9 of the node leading most partitions of the task topic, then of
+//! the results topic, then of the transaction coordinator of the dispatch stage's transactional
+//! ids, each brought back once the cluster has elected new leaders; and a rolling restart, one
+//! node at a time, each back and fully replicated before the next stops. Every task is then
+//! counted: dispatch may write none twice.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -15,9 +22,12 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use rand::Rng;
-use rdkafka::Message;
+use rdkafka::{
+    Message,
+    consumer::{BaseConsumer, Consumer as _},
+};
 use serde_json::json;
-use triage_proto::v1::DeadLetter;
+use triage_proto::v1::{DeadLetter, InferenceTask, TicketCreated};
 use triage_test_support::{Stack, workspace_root};
 
 use crate::{Llm, Options, Pipeline};
@@ -64,6 +74,17 @@ pub struct ChaosReport {
     pub dead_letters: usize,
     pub lost: Vec<String>,
     pub paid_duplicates: u64,
+    /// Committed task records beyond one per committed ticket event: tasks dispatch wrote
+    /// twice (must be 0; its transactions make it exactly once).
+    pub dispatch_duplicates: usize,
+    /// Committed records of the task topic.
+    pub tasks: usize,
+    /// Committed records of the ticket-event topic: more than `accepted` when the ingress wrote
+    /// a ticket again for a client's retry whose first answer was lost in a fault (the worker
+    /// then finds the triage cached; nothing is paid twice).
+    pub ticket_events: usize,
+    /// Brokers in the cluster the run ran on.
+    pub brokers: usize,
     /// Upper bound of the calls in flight at the kills (calls started minus results cached,
     /// right after each kill; the surviving worker's calls are counted too).
     pub in_flight_at_kills: u64,
@@ -77,7 +98,20 @@ enum Fault {
     RestartRedis,
     RestartPostgres,
     RestartBroker,
+    /// kill -9 of the node leading most partitions of this topic; restarted once others lead.
+    KillLeader(Stage),
+    /// kill -9 of the node coordinating the dispatch stage's transactions.
+    KillTransactionCoordinator,
+    /// Every node in turn: controlled stop, start, wait until fully replicated.
+    RollingRestart,
     Outage,
+}
+
+/// The topics whose leaders a cluster run kills.
+#[derive(Clone, Copy, Debug)]
+enum Stage {
+    Tasks,
+    Results,
 }
 
 pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
@@ -97,7 +131,21 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
     if options.restart_postgres {
         schedule.push((rng.random_range(0.4..0.5), Fault::RestartPostgres));
     }
-    if options.restart_broker {
+    let brokers = Stack::get().kafka_brokers;
+    if options.restart_broker && brokers > 1 {
+        schedule.extend([
+            (rng.random_range(0.1..0.2), Fault::KillLeader(Stage::Tasks)),
+            (
+                rng.random_range(0.3..0.4),
+                Fault::KillLeader(Stage::Results),
+            ),
+            (
+                rng.random_range(0.5..0.6),
+                Fault::KillTransactionCoordinator,
+            ),
+            (rng.random_range(0.6..0.7), Fault::RollingRestart),
+        ]);
+    } else if options.restart_broker {
         schedule.push((rng.random_range(0.6..0.7), Fault::RestartBroker));
     }
     if !options.outage.is_zero() {
@@ -146,6 +194,7 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let started = Instant::now();
+        let mut detail = String::new();
         match fault {
             Fault::KillWorker(index) => {
                 pipeline.kill_worker(index).await;
@@ -155,9 +204,24 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
                 in_flight_at_kills += calls.saturating_sub(cached);
                 pipeline.restart_worker(index).await;
             }
-            Fault::RestartRedis => stack("restart", "redis")?,
-            Fault::RestartPostgres => stack("restart", "postgres")?,
-            Fault::RestartBroker => stack("restart", "kafka")?,
+            Fault::RestartRedis => stack(&["restart", "redis"])?,
+            Fault::RestartPostgres => stack(&["restart", "postgres"])?,
+            Fault::RestartBroker => stack(&["restart", "kafka"])?,
+            Fault::KillLeader(stage) => {
+                let topic = match stage {
+                    Stage::Tasks => &pipeline.names.inference_tasks,
+                    Stage::Results => &pipeline.names.results,
+                };
+                let (node, led) = busiest_leader(topic).await?;
+                detail = format!(" (node {node}, leader of {led} partitions of {topic})");
+                kill_and_restore(node, topic).await?;
+            }
+            Fault::KillTransactionCoordinator => {
+                let node = transaction_coordinator(&pipeline.transactional_id)?;
+                detail = format!(" (node {node})");
+                kill_and_restore(node, &pipeline.names.inference_tasks).await?;
+            }
+            Fault::RollingRestart => cluster(&["rolling-restart"])?,
             Fault::Outage => {
                 pipeline
                     .sim_config(&json!({"faults": [{"fault": "status_503", "duration_ms": options.outage.as_millis() as u64}]}))
@@ -165,7 +229,7 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
             }
         }
         let event = format!(
-            "{fault:?} at {:.0} % of the submission, took {:.1} s",
+            "{fault:?}{detail} at {:.0} % of the submission, took {:.1} s",
             at * 100.0,
             started.elapsed().as_secs_f64()
         );
@@ -205,6 +269,7 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
         }
     }
     let dead_letters = dead_letter_tickets(&pipeline.names.dead_letters).await;
+    let (ticket_events, tasks, dispatch_duplicates) = dispatch_duplicates(&pipeline.names).await;
     let stats = pipeline.sim_stats().await?;
     let paid_duplicates = llm_sim::stats::paid_duplicates(&stats);
     pipeline.stop().await?;
@@ -214,6 +279,10 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
         dead_letters: dead_letters.len(),
         lost: remaining.into_iter().collect(),
         paid_duplicates,
+        dispatch_duplicates,
+        tasks,
+        ticket_events,
+        brokers,
         in_flight_at_kills,
         events,
     })
@@ -235,6 +304,12 @@ impl ChaosReport {
                 self.dead_letters
             );
         }
+        if self.dispatch_duplicates > 0 {
+            bail!(
+                "{} tasks dispatched twice: dispatch is transactional, there must be none",
+                self.dispatch_duplicates
+            );
+        }
         if self.triaged != self.accepted {
             bail!("{} triaged of {} accepted", self.triaged, self.accepted);
         }
@@ -246,6 +321,36 @@ impl ChaosReport {
             );
         }
         Ok(())
+    }
+
+    /// The figures as a markdown table (docs/BENCHMARKS.md, Chaos).
+    pub fn markdown(&self) -> String {
+        let mut table = String::from("| figure | value |\n| --- | --- |\n");
+        for (figure, value) in [
+            ("brokers", self.brokers.to_string()),
+            ("tickets accepted", self.accepted.to_string()),
+            ("triaged", self.triaged.to_string()),
+            ("lost", self.lost.len().to_string()),
+            ("dead letters", self.dead_letters.to_string()),
+            ("committed ticket events", self.ticket_events.to_string()),
+            ("committed tasks", self.tasks.to_string()),
+            (
+                "tasks duplicated by dispatch",
+                self.dispatch_duplicates.to_string(),
+            ),
+            ("paid (LLM) duplicates", self.paid_duplicates.to_string()),
+            (
+                "bound: LLM calls in flight at the worker kills",
+                self.in_flight_at_kills.to_string(),
+            ),
+        ] {
+            table.push_str(&format!("| {figure} | {value} |\n"));
+        }
+        table.push_str("\nFaults, in order:\n");
+        for event in &self.events {
+            table.push_str(&format!("- {event}\n"));
+        }
+        table
     }
 }
 
@@ -340,16 +445,174 @@ async fn wait_for(
     Ok(())
 }
 
-fn stack(action: &str, component: &str) -> anyhow::Result<()> {
-    let status = Command::new(workspace_root().join("deploy/stack.sh"))
-        .args([action, component])
+/// `deploy/stack.sh ARGS...`, told the ports of the stack this run uses (the one in
+/// `STACK_ENV_FILE` may not be on the default ports), so it restarts that one.
+fn stack_command(args: &[&str]) -> Command {
+    let stack = Stack::get();
+    let mut command = Command::new(workspace_root().join("deploy/stack.sh"));
+    command.args(args);
+    for (key, endpoint) in [
+        ("REDIS_PORT", stack.redis_url.as_str()),
+        ("POSTGRES_PORT", stack.database_url.as_str()),
+        ("KAFKA_CLUSTER_PORT", stack.kafka_bootstrap.as_str()),
+    ] {
+        if let Some(port) = port_of(endpoint) {
+            command.env(key, port);
+        }
+    }
+    command
+}
+
+/// The port of `scheme://user@host:PORT/path` or of the first `host:PORT` of a list.
+fn port_of(endpoint: &str) -> Option<&str> {
+    let first = endpoint.split(',').next()?;
+    let authority = first.split("://").last()?.split('/').next()?;
+    let port = authority.rsplit_once(':')?.1;
+    port.bytes().all(|b| b.is_ascii_digit()).then_some(port)
+}
+
+fn stack(args: &[&str]) -> anyhow::Result<()> {
+    let status = stack_command(args)
         .status()
         .context("run deploy/stack.sh")?;
-    anyhow::ensure!(
-        status.success(),
-        "deploy/stack.sh {action} {component} failed"
-    );
+    anyhow::ensure!(status.success(), "deploy/stack.sh {args:?} failed");
     Ok(())
+}
+
+/// `deploy/stack.sh --brokers N ARGS...` for the cluster the run is on.
+fn cluster(args: &[&str]) -> anyhow::Result<()> {
+    let brokers = Stack::get().kafka_brokers.to_string();
+    let mut all = vec!["--brokers", brokers.as_str()];
+    all.extend_from_slice(args);
+    stack(&all)
+}
+
+/// Per node, the partitions of `topic` it leads; the node leading most (and how many).
+fn leaders(topic: &str) -> anyhow::Result<BTreeMap<i32, usize>> {
+    let client: BaseConsumer = triage_test_support::client_config().create()?;
+    let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut led = BTreeMap::new();
+    for topic_metadata in metadata.topics() {
+        for partition in topic_metadata.partitions() {
+            if partition.leader() >= 0 {
+                *led.entry(partition.leader()).or_default() += 1;
+            }
+        }
+    }
+    Ok(led)
+}
+
+async fn busiest_leader(topic: &str) -> anyhow::Result<(i32, usize)> {
+    let topic_name = topic.to_owned();
+    let led = tokio::task::spawn_blocking(move || leaders(&topic_name)).await??;
+    led.into_iter()
+        .max_by_key(|(_, count)| *count)
+        .context("no partition of the topic has a leader")
+}
+
+/// The node coordinating most of the dispatch stage's transactional ids (each lane has one;
+/// FindCoordinator through the Kafka tools, as librdkafka does not expose it).
+fn transaction_coordinator(prefix: &str) -> anyhow::Result<i32> {
+    let output = stack_command(&[
+        "--brokers",
+        &Stack::get().kafka_brokers.to_string(),
+        "tx-coordinator",
+        prefix,
+    ])
+    .output()
+    .context("run deploy/stack.sh tx-coordinator")?;
+    let mut counts: BTreeMap<i32, usize> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        if let Some(node) = line.split_whitespace().nth(1).and_then(|n| n.parse().ok()) {
+            *counts.entry(node).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(_, count)| *count)
+        .map(|(node, _)| node)
+        .with_context(|| format!("no transactional id {prefix}* has a coordinator"))
+}
+
+/// kill -9 of `node`; once no partition of `topic` names it leader any more (the cluster moved
+/// on without it), it starts again and the cluster is fully replicated before the run goes on.
+async fn kill_and_restore(node: i32, topic: &str) -> anyhow::Result<()> {
+    let node_arg = node.to_string();
+    cluster(&["kill-broker", &node_arg])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let topic_name = topic.to_owned();
+        let led = tokio::task::spawn_blocking(move || leaders(&topic_name)).await?;
+        if led.is_ok_and(|led| !led.contains_key(&node)) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("node {node} still leads partitions of {topic} 60 s after its kill");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Tickets flow a while on two nodes before the third comes back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::task::spawn_blocking(move || cluster(&["restart-broker", &node_arg])).await?
+}
+
+/// Committed ticket events, committed task records, and how many tasks are beyond one per
+/// committed ticket event (an event the ingress wrote twice may have two tasks: that is not
+/// dispatch's duplicate).
+async fn dispatch_duplicates(names: &crate::Names) -> (usize, usize, usize) {
+    let mut event_records = 0;
+    let mut events: HashMap<String, usize> = HashMap::new();
+    for record in read_all(&names.tickets_created).await {
+        event_records += 1;
+        let content_type =
+            triage_runtime::kafka::headers::get_str(record.headers(), "content-type");
+        if let Some(event) = record
+            .payload()
+            .and_then(|payload| triage_proto::decode::<TicketCreated>(payload, content_type).ok())
+        {
+            *events.entry(event.ticket_id).or_default() += 1;
+        }
+    }
+    let mut tasks: HashMap<String, usize> = HashMap::new();
+    let mut task_records = 0;
+    for record in read_all(&names.inference_tasks).await {
+        task_records += 1;
+        let content_type =
+            triage_runtime::kafka::headers::get_str(record.headers(), "content-type");
+        if let Some(task) = record
+            .payload()
+            .and_then(|payload| triage_proto::decode::<InferenceTask>(payload, content_type).ok())
+        {
+            *tasks.entry(task.ticket_id).or_default() += 1;
+        }
+    }
+    let duplicates = tasks
+        .iter()
+        .map(|(ticket_id, count)| count.saturating_sub(events.get(ticket_id).copied().unwrap_or(1)))
+        .sum();
+    (event_records, task_records, duplicates)
+}
+
+/// Every committed record of `topic`: reads until nothing more came for 3 s.
+async fn read_all(topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
+    let consumer = triage_test_support::consumer(topic);
+    let mut records = Vec::new();
+    loop {
+        let more = triage_test_support::read_for(&consumer, Duration::from_secs(3)).await;
+        if more.is_empty() && !records.is_empty() {
+            return records;
+        }
+        if more.is_empty() {
+            // The first read also waits out the group's join; a second empty window ends it.
+            let again = triage_test_support::read_for(&consumer, Duration::from_secs(3)).await;
+            if again.is_empty() {
+                return records;
+            }
+            records.extend(again);
+            continue;
+        }
+        records.extend(more);
+    }
 }
 
 async fn cached_results(prefix: &str) -> anyhow::Result<u64> {

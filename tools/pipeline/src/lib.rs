@@ -153,6 +153,8 @@ pub struct Pipeline {
     /// The triage console (result-writer's `/console/`).
     pub console_url: String,
     pub sim_url: Option<String>,
+    /// The dispatch stage's `transactional_id` (each lane's id starts with it).
+    pub transactional_id: String,
     pub sink: sink::Sink,
     run_dir: PathBuf,
     options: Options,
@@ -259,6 +261,12 @@ impl Pipeline {
         };
 
         let partitions = options.partitions;
+        // The production defaults (3 copies, 2 in sync) lowered to what the stack has.
+        let replication = format!(
+            "replication_factor = {}\nmin_insync_replicas = {}",
+            stack.replication_factor,
+            stack.replication_factor.min(2)
+        );
         let http_port = free_port();
         let grpc_port = free_port();
         let results_port = free_port();
@@ -289,7 +297,7 @@ impl Pipeline {
             publisher_toml,
             "[ingress]\nhttp_listen = \"127.0.0.1:{http_port}\"\ngrpc_listen = \"127.0.0.1:{grpc_port}\"\n\
              [auth]\nkeys_file = {:?}\n[redis]\nurl = {:?}\nkey_prefix = \"{}ingress:\"\n\
-             [topic_provisioning]\npartitions = {partitions}\n\
+             [topic_provisioning]\npartitions = {partitions}\n{replication}\n\
              [dispatch]\ngroup_id = {:?}\ntransactional_id = \"dispatch-{run_id}\"\nlanes = {}\n[dispatch.prompt]\nmodel = {model:?}",
             keys_file.display().to_string(),
             stack.redis_url,
@@ -323,7 +331,7 @@ impl Pipeline {
         common(&mut alerter_toml);
         let _ = writeln!(
             alerter_toml,
-            "[consumer]\ngroup_id = {:?}\n[slack]\nwebhook_url = \"{}/slack\"\n[aggregation]\nwindow = \"{}ms\"\n[topic_provisioning]\npartitions = {partitions}\n\
+            "[consumer]\ngroup_id = {:?}\n[slack]\nwebhook_url = \"{}/slack\"\n[aggregation]\nwindow = \"{}ms\"\n[topic_provisioning]\npartitions = {partitions}\n{replication}\n\
              [api]\nlisten = \"127.0.0.1:{dead_letters_port}\"\n[auth]\nkeys_file = {:?}",
             names.group("dlq-alerter"),
             sink.url,
@@ -396,6 +404,7 @@ impl Pipeline {
             results_url: format!("http://127.0.0.1:{results_port}"),
             console_url: format!("http://127.0.0.1:{results_port}/console/"),
             sim_url,
+            transactional_id: format!("dispatch-{run_id}"),
             sink,
             run_dir,
             options,
@@ -600,6 +609,25 @@ impl Pipeline {
     pub fn run_dir(&self) -> &Path {
         &self.run_dir
     }
+}
+
+/// `pipeline topics grow`: adds partitions to `topic` on an operator's explicit word.
+pub async fn grow_topic(
+    bootstrap_servers: Option<String>,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    let kafka = triage_runtime::config::KafkaConfig {
+        bootstrap_servers: bootstrap_servers
+            .unwrap_or_else(|| Stack::get().kafka_bootstrap.clone()),
+        ..Default::default()
+    };
+    eprintln!(
+        "pipeline: warning: growing {topic} to {partitions} partitions: keys map to other partitions from now on; per-ticket order holds only for records written after this"
+    );
+    let from = triage_runtime::kafka::admin::grow_partitions(&kafka, topic, partitions).await?;
+    println!("grew {topic} from {from} to {partitions} partitions");
+    Ok(())
 }
 
 fn spawn_service(run_dir: &Path, service: &str) -> ServiceProcess {

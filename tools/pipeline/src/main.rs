@@ -1,4 +1,5 @@
-//! `pipeline demo` (make demo) and `pipeline chaos` (make chaos).
+//! `pipeline demo` (make demo), `pipeline chaos` (make chaos), `pipeline bench` (make bench)
+//! and `pipeline topics grow` (an operator's explicit partition growth).
 
 use std::{process::ExitCode, time::Duration};
 
@@ -53,6 +54,29 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         outage_seconds: u64,
     },
+    /// Operator commands on the pipeline's topics.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Adds partitions to a topic. The services never do it on their own: Kafka maps a key to
+    /// hash(key) % partitions, so afterwards a ticket's new records can land on another
+    /// partition than its earlier ones and be handled before them. Drain the pipeline first.
+    Grow {
+        #[arg(long)]
+        topic: String,
+        /// The new partition count (more than the topic has).
+        #[arg(long)]
+        partitions: i32,
+        /// The broker list; the local stack's when omitted.
+        #[arg(long)]
+        bootstrap_servers: Option<String>,
+        /// Required: says the per-ticket ordering warning above was read.
+        #[arg(long)]
+        i_understand_ordering: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -82,6 +106,20 @@ fn main() -> ExitCode {
                 println!("{}", pipeline::bench::markdown(&report));
                 Ok(())
             }
+            Command::Topics(TopicsCommand::Grow {
+                topic,
+                partitions,
+                bootstrap_servers,
+                i_understand_ordering,
+            }) => {
+                anyhow::ensure!(
+                    i_understand_ordering,
+                    "growing {topic} remaps ticket keys to other partitions, so a ticket's new records \
+                     may be handled before its older ones; drain the pipeline, then pass \
+                     --i-understand-ordering"
+                );
+                pipeline::grow_topic(bootstrap_servers, &topic, partitions).await
+            }
             Command::Chaos {
                 tickets,
                 rate,
@@ -93,13 +131,16 @@ fn main() -> ExitCode {
                 options.outage = Duration::from_secs(outage_seconds);
                 let report = pipeline::chaos::run(options).await?;
                 println!("{report:#?}");
+                println!("{}", report.markdown());
                 report.verify()?;
                 println!(
-                    "chaos: ok: {} accepted, {} triaged, {} lost, {} dead letters; paid duplicates {} <= in flight at the kills {}",
+                    "chaos: ok on {} broker(s): {} accepted, {} triaged, {} lost, {} dead letters, {} tasks duplicated by dispatch; paid duplicates {} <= in flight at the kills {}",
+                    report.brokers,
                     report.accepted,
                     report.triaged,
                     report.lost.len(),
                     report.dead_letters,
+                    report.dispatch_duplicates,
                     report.paid_duplicates,
                     report.in_flight_at_kills
                 );

@@ -1,4 +1,4 @@
-//! Idempotent provisioning of the pipeline's topics.
+//! Idempotent provisioning of the pipeline's topics, and the one explicit way to grow one.
 
 use std::{sync::Arc, time::Duration};
 
@@ -19,6 +19,7 @@ pub struct TopicSpec {
     pub name: String,
     pub partitions: i32,
     pub replication_factor: i32,
+    pub min_insync_replicas: i32,
     pub retention: Duration,
 }
 
@@ -30,6 +31,7 @@ impl TopicSpec {
             name: name.to_owned(),
             partitions: provisioning.partitions,
             replication_factor: provisioning.replication_factor,
+            min_insync_replicas: provisioning.min_insync_replicas,
             retention,
         };
         vec![
@@ -47,14 +49,16 @@ pub enum TopicOutcome {
     Created,
     /// Existed with at least the configured partitions; left alone.
     Existing,
-    /// Existed with fewer partitions and was grown. Partitions are never removed (Kafka can't).
-    Grown {
-        from: i32,
+    /// Existed with fewer partitions than configured and was left alone (a warning is logged):
+    /// growing a topic remaps keys to partitions, and a ticket's records would then be read
+    /// out of order. [`grow_partitions`] does it when an operator asks.
+    Undersized {
+        partitions: i32,
     },
 }
 
-/// Creates the missing topics and grows topics with fewer partitions than configured. Running it
-/// again changes nothing, so every replica of every service may call it at start.
+/// Creates the missing topics; never changes an existing one. Running it again changes nothing,
+/// so every replica of every service may call it at start.
 pub async fn ensure_topics(
     kafka: &KafkaConfig,
     specs: &[TopicSpec],
@@ -88,6 +92,15 @@ pub async fn ensure_topics(
             .set("retention.ms", retention_ms)
         })
         .collect();
+    let min_insync_values: Vec<String> = specs
+        .iter()
+        .map(|s| s.min_insync_replicas.to_string())
+        .collect();
+    let new_topics: Vec<NewTopic<'_>> = new_topics
+        .into_iter()
+        .zip(&min_insync_values)
+        .map(|(topic, min_insync)| topic.set("min.insync.replicas", min_insync))
+        .collect();
     let created = admin
         .create_topics(&new_topics, &options)
         .await
@@ -112,47 +125,86 @@ pub async fn ensure_topics(
         return Ok(outcomes);
     }
 
-    let mut grow = Vec::new();
     for spec in existing {
         let current = partition_count(&admin, &spec.name).await?;
         if current < spec.partitions {
-            grow.push((spec, current));
+            tracing::warn!(
+                topic = %spec.name,
+                partitions = current,
+                configured = spec.partitions,
+                "topic has fewer partitions than configured and is left as it is: growing it \
+                 would reorder each ticket's records; `pipeline topics grow` does it on purpose"
+            );
+            outcomes.push((
+                spec.name.clone(),
+                TopicOutcome::Undersized {
+                    partitions: current,
+                },
+            ));
         } else {
             outcomes.push((spec.name.clone(), TopicOutcome::Existing));
         }
     }
-    if !grow.is_empty() {
-        let new_partitions: Vec<NewPartitions<'_>> = grow
-            .iter()
-            .map(|(spec, _)| NewPartitions::new(&spec.name, spec.partitions as usize))
-            .collect();
-        let results = admin
-            .create_partitions(&new_partitions, &options)
-            .await
-            .map_err(KafkaError::Admin)?;
-        for ((spec, from), result) in grow.into_iter().zip(results) {
-            match result {
-                Ok(_) => {}
-                // Another replica grew it at the same moment: the topic is as configured.
-                Err((_, RDKafkaErrorCode::InvalidPartitions))
-                    if partition_count(&admin, &spec.name).await? >= spec.partitions =>
-                {
-                    outcomes.push((spec.name.clone(), TopicOutcome::Existing));
-                    continue;
-                }
-                Err((topic, code)) => {
-                    return Err(KafkaError::Topic {
-                        action: "add partitions to",
-                        topic,
-                        reason: code.to_string(),
-                    });
-                }
-            }
-            tracing::info!(topic = %spec.name, from, to = spec.partitions, "grew topic partitions");
-            outcomes.push((spec.name.clone(), TopicOutcome::Grown { from }));
+    Ok(outcomes)
+}
+
+/// Grows `topic` to `partitions`, on an operator's explicit word; returns the count before.
+///
+/// Kafka maps a key to `hash(key) % partitions`: after growing, new records of a ticket may go
+/// to another partition than its earlier ones, and a consumer can handle them out of order
+/// while the old partition still holds a backlog. Drain the pipeline first.
+pub async fn grow_partitions(
+    kafka: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+) -> Result<i32, KafkaError> {
+    let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(
+        kafka
+            .client_config("admin")
+            .create()
+            .map_err(|source| KafkaError::Client {
+                role: "admin",
+                source,
+            })?,
+    );
+    let current = partition_count(&admin, topic).await?;
+    if current == 0 {
+        return Err(KafkaError::Topic {
+            action: "grow",
+            topic: topic.to_owned(),
+            reason: "it does not exist".into(),
+        });
+    }
+    if current >= partitions {
+        return Err(KafkaError::Topic {
+            action: "grow",
+            topic: topic.to_owned(),
+            reason: format!("it has {current} partitions already; Kafka cannot remove any"),
+        });
+    }
+    let options = AdminOptions::new()
+        .operation_timeout(Some(ADMIN_TIMEOUT))
+        .request_timeout(Some(ADMIN_TIMEOUT));
+    let results = admin
+        .create_partitions(&[NewPartitions::new(topic, partitions as usize)], &options)
+        .await
+        .map_err(KafkaError::Admin)?;
+    for result in results {
+        if let Err((topic, code)) = result {
+            return Err(KafkaError::Topic {
+                action: "add partitions to",
+                topic,
+                reason: code.to_string(),
+            });
         }
     }
-    Ok(outcomes)
+    tracing::warn!(
+        topic,
+        from = current,
+        to = partitions,
+        "grew topic partitions: keys now map to other partitions, per-key order holds only for new records"
+    );
+    Ok(current)
 }
 
 /// The partition count of `topic` as the cluster reports it now (0 when it does not exist).

@@ -16,10 +16,12 @@
 //! record whose handler has not said it is durably done.
 //!
 //! # States of the consumer thread
-//! - consuming: poll; pause every assigned partition when `max_in_flight + readahead` records
-//!   are unfinished (resume once a quarter of that is free) or while the [`FetchGate`] is closed
-//!   (provider 429, open circuit), resume when both clear. The dispatcher runs at most
-//!   `max_in_flight` handlers; the read-ahead waits for a slot.
+//! - consuming: poll; when `max_in_flight + readahead` records are unfinished, pause the
+//!   partitions that fill that window and let the others fetch on ([`flow`](super::flow) has the
+//!   rule and its bound); pause every assigned partition while the [`FetchGate`] is closed
+//!   (provider 429, open circuit). The dispatcher runs at most `max_in_flight` handlers; the
+//!   read-ahead waits for a slot. librdkafka's own prefetch per partition is bounded by
+//!   `prefetch_kbytes`.
 //! - draining (shutdown fired): all partitions paused; read-ahead records are dropped
 //!   uncommitted, running ones finish and are stored until none is left or `drain_timeout`
 //!   passed.
@@ -68,7 +70,10 @@ use rdkafka::{
 use serde::{Deserialize, Serialize};
 use tokio::{sync::mpsc, task::JoinSet};
 
-use super::offsets::{InFlight, OffsetTracker};
+use super::{
+    flow::FlowControl,
+    offsets::{InFlight, OffsetTracker},
+};
 use crate::{
     config::{KafkaConfig, Validate},
     shutdown::Shutdown,
@@ -82,11 +87,15 @@ pub struct ConsumerConfig {
     pub group_id: String,
     /// Records being handled at once, over all partitions.
     pub max_in_flight: usize,
-    /// Records fetched ahead of the handlers, waiting for a free slot. Fetching pauses when
-    /// `max_in_flight + readahead` records are unfinished, which bounds memory whatever the
-    /// backlog. The read-ahead keeps the handlers busy while fetching resumes: librdkafka
-    /// only notices a resume at its broker thread's next wake-up, up to a second later.
+    /// Records fetched ahead of the handlers, waiting for a free slot. When
+    /// `max_in_flight + readahead` records are unfinished, the partitions holding them pause,
+    /// which bounds memory whatever the backlog (at most 1.5 times that, see `flow`). The
+    /// read-ahead keeps the handlers busy while fetching resumes.
     pub readahead: usize,
+    /// What librdkafka may prefetch and hold before the runtime takes it, per partition
+    /// (`queued.max.messages.kbytes`); librdkafka's default, 64 MiB, is far more than a
+    /// window of tasks.
+    pub prefetch_kbytes: usize,
     /// How often stored offsets are committed.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
@@ -119,6 +128,7 @@ impl Default for ConsumerConfig {
             group_id: String::new(),
             max_in_flight: 64,
             readahead: 64,
+            prefetch_kbytes: 4096,
             commit_interval: Duration::from_secs(1),
             group_instance_id: None,
             session_timeout: Duration::from_secs(10),
@@ -138,6 +148,9 @@ impl Validate for ConsumerConfig {
         }
         if self.commit_interval.is_zero() {
             problems.push("consumer.commit_interval must be longer than zero".into());
+        }
+        if self.prefetch_kbytes == 0 {
+            problems.push("consumer.prefetch_kbytes must be at least 1".into());
         }
         if self.handler_attempts == 0 {
             problems.push("consumer.handler_attempts must be at least 1".into());
@@ -247,6 +260,7 @@ struct PauseLabels {
 pub struct ConsumerMetrics {
     in_flight: Family<GroupLabels, Gauge>,
     paused: Family<GroupLabels, Gauge>,
+    held: Family<GroupLabels, Gauge>,
     records: Family<GroupLabels, Counter>,
     pauses: Family<PauseLabels, Counter>,
     commit_failures: Family<GroupLabels, Counter>,
@@ -266,8 +280,13 @@ impl ConsumerMetrics {
         );
         registry.register(
             "consumer_paused",
-            "1 while fetching is paused for back-pressure or draining",
+            "1 while every assigned partition is paused (gate closed, or draining)",
             metrics.paused.clone(),
+        );
+        registry.register(
+            "consumer_partitions_held",
+            "Partitions paused because their records fill the in-flight window",
+            metrics.held.clone(),
         );
         registry.register(
             "consumer_records",
@@ -276,7 +295,7 @@ impl ConsumerMetrics {
         );
         registry.register(
             "consumer_pauses",
-            "Times fetching paused, by reason (window_full, gate_closed)",
+            "Pauses by reason: a partition held for filling the window (window_full), every partition for a closed gate (gate_closed)",
             metrics.pauses.clone(),
         );
         registry.register(
@@ -317,7 +336,9 @@ enum Report {
 struct RuntimeContext {
     group: String,
     tracker: Arc<Mutex<OffsetTracker>>,
+    /// Every partition paused (gate closed, draining): a newly assigned one is paused too.
     paused: Arc<AtomicBool>,
+    flow: Arc<Mutex<FlowControl>>,
     metrics: ConsumerMetrics,
 }
 
@@ -334,7 +355,9 @@ impl ConsumerContext for RuntimeContext {
             .tracker
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut flow = lock(&self.flow);
         for element in partitions.elements() {
+            flow.forget(&(element.topic().to_owned(), element.partition()));
             let abandoned = tracker.revoke(element.topic(), element.partition());
             tracing::info!(
                 group = %self.group,
@@ -355,7 +378,10 @@ impl ConsumerContext for RuntimeContext {
                 .tracker
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // A newly assigned partition fetches, whatever an earlier assignment of it did.
+            let mut flow = lock(&self.flow);
             for element in partitions.elements() {
+                flow.forget(&(element.topic().to_owned(), element.partition()));
                 tracker.assign(element.topic(), element.partition());
                 tracing::info!(
                     group = %self.group,
@@ -427,10 +453,13 @@ pub async fn run<H: RecordHandler>(
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let dispatcher_tracker = Arc::clone(&tracker);
     let paused = Arc::new(AtomicBool::new(false));
+    let max_unfinished = run.config.max_in_flight + run.config.readahead;
+    let flow = Arc::new(Mutex::new(FlowControl::new(max_unfinished)));
     let context = RuntimeContext {
         group: group.clone(),
         tracker: Arc::clone(&tracker),
         paused: Arc::clone(&paused),
+        flow: Arc::clone(&flow),
         metrics: run.metrics.clone(),
     };
     let mut client_config = run.kafka.consumer_config("consumer", &group);
@@ -448,7 +477,11 @@ pub async fn run<H: RecordHandler>(
         )
         // After a resume the next records come with the next fetch response; librdkafka's
         // default long poll (500 ms) made every resume cost half a second of idle window.
-        .set("fetch.wait.max.ms", "50");
+        .set("fetch.wait.max.ms", "50")
+        .set(
+            "queued.max.messages.kbytes",
+            run.config.prefetch_kbytes.to_string(),
+        );
     if let Some(instance_id) = &run.config.group_instance_id {
         client_config.set("group.instance.id", instance_id);
     }
@@ -479,8 +512,8 @@ pub async fn run<H: RecordHandler>(
         group: group.clone(),
         tracker,
         paused,
+        flow,
         gate: run.gate,
-        max_unfinished: run.config.max_in_flight + run.config.readahead,
         drain_timeout: run.drain_timeout,
         stall_warning: run.config.commit_stall_warning,
         stop: Arc::clone(&stop),
@@ -534,10 +567,8 @@ struct PollLoop {
     group: String,
     tracker: Arc<Mutex<OffsetTracker>>,
     paused: Arc<AtomicBool>,
+    flow: Arc<Mutex<FlowControl>>,
     gate: FetchGate,
-    /// Records fetched and not finished (running, ready or waiting for their key) at which
-    /// fetching pauses.
-    max_unfinished: usize,
     drain_timeout: Duration,
     stall_warning: Duration,
     stop: Arc<AtomicBool>,
@@ -582,33 +613,28 @@ impl PollLoop {
                     break;
                 }
             } else {
-                // Hysteresis: once full, resume only when a quarter of the window is free, so
-                // that a steady stream of completions does not pause and resume per record
-                // (each resume re-fetches from the broker).
-                let window_full = if self.paused.load(Ordering::Relaxed) {
-                    in_flight > self.resume_below()
-                } else {
-                    in_flight >= self.max_unfinished
-                };
-                let reason = if window_full {
-                    Some("window_full")
-                } else if !self.gate.is_open() {
-                    Some("gate_closed")
-                } else {
-                    None
-                };
-                self.set_paused(reason.is_some(), reason);
+                let gate_closed = !self.gate.is_open();
+                self.set_paused(gate_closed, gate_closed.then_some("gate_closed"));
+                self.regulate(in_flight);
             }
 
-            let paused = self.paused.load(Ordering::Relaxed);
-            if paused {
+            let (paused, held, assigned) = {
+                let held = lock(&self.flow).held();
+                let assigned = lock(&self.tracker).assigned();
+                (self.paused.load(Ordering::Relaxed), held, assigned)
+            };
+            if paused || (held > 0 && held >= assigned) {
                 // Nothing to fetch: wake on the next completion, and keep serving callbacks.
                 if let Ok(report) = report_rx.recv_timeout(Duration::from_millis(10)) {
                     in_flight -= self.apply_report(report);
                 }
             }
+            // While partitions are held, completions that release them are applied between
+            // polls: poll briefly so that a held partition resumes soon after it may.
             let poll_timeout = if paused {
                 Duration::ZERO
+            } else if held > 0 {
+                Duration::from_millis(10)
             } else {
                 Duration::from_millis(50)
             };
@@ -674,9 +700,56 @@ impl PollLoop {
         );
     }
 
-    /// While paused for a full window, fetching resumes at or below this many unfinished.
-    fn resume_below(&self) -> usize {
-        (self.max_unfinished * 3 / 4).min(self.max_unfinished.saturating_sub(1))
+    /// Holds the partitions that fill the window and releases those that may fetch again
+    /// ([`FlowControl`]). While every partition is paused, only the bookkeeping changes: the
+    /// held ones stay paused when the rest resume.
+    fn regulate(&self, in_flight: usize) {
+        if !lock(&self.flow).needs_decision(in_flight) {
+            return;
+        }
+        // Locks in the order the rebalance callbacks take them: tracker, then flow.
+        let assigned = lock(&self.tracker).pending_by_partition();
+        let mut flow = lock(&self.flow);
+        let changes = flow.decide(in_flight, &assigned);
+        let held = flow.held();
+        drop(flow);
+        if changes.is_empty() {
+            return;
+        }
+        let labels = GroupLabels {
+            group: self.group.clone(),
+        };
+        self.metrics.held.get_or_create(&labels).set(held as i64);
+        if !changes.hold.is_empty() {
+            self.metrics
+                .pauses
+                .get_or_create(&PauseLabels {
+                    group: self.group.clone(),
+                    reason: "window_full",
+                })
+                .inc_by(changes.hold.len() as u64);
+        }
+        if self.paused.load(Ordering::Relaxed) {
+            return;
+        }
+        for (partitions, pause) in [(&changes.hold, true), (&changes.release, false)] {
+            if partitions.is_empty() {
+                continue;
+            }
+            let mut list = TopicPartitionList::with_capacity(partitions.len());
+            for (topic, partition) in partitions {
+                list.add_partition(topic, *partition);
+            }
+            let result = if pause {
+                self.consumer.pause(&list)
+            } else {
+                self.consumer.resume(&list)
+            };
+            if let Err(error) = result {
+                tracing::warn!(group = %self.group, error = %error, pause, "failed to pause or resume partitions");
+            }
+        }
+        tracing::debug!(group = %self.group, held = ?changes.hold, released = ?changes.release, in_flight, "partitions held or released");
     }
 
     /// Applies every queued report; returns how many records left the in-flight window.
@@ -726,7 +799,16 @@ impl PollLoop {
         let result = if pause {
             self.consumer.pause(&assignment)
         } else {
-            self.consumer.resume(&assignment)
+            // Partitions held for filling the window stay paused.
+            let flow = lock(&self.flow);
+            let mut fetchable = TopicPartitionList::with_capacity(assignment.count());
+            for element in assignment.elements() {
+                if !flow.is_held(&(element.topic().to_owned(), element.partition())) {
+                    fetchable.add_partition(element.topic(), element.partition());
+                }
+            }
+            drop(flow);
+            self.consumer.resume(&fetchable)
         };
         if let Err(error) = result {
             tracing::warn!(group = %self.group, error = %error, pause, "failed to pause or resume fetching");
@@ -997,4 +1079,11 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|text| (*text).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a non-text panic".to_owned())
+}
+
+/// The runtime's locks guard bookkeeping that stays consistent through a panic elsewhere.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

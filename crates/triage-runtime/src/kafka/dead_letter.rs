@@ -4,7 +4,10 @@
 use std::time::SystemTime;
 
 use rdkafka::{Message, message::OwnedMessage};
-use triage_proto::v1::{DeadLetter, ErrorClass};
+use triage_proto::{
+    ContentType,
+    v1::{DeadLetter, ErrorClass},
+};
 
 use super::{
     consumer::Disposition,
@@ -46,9 +49,17 @@ impl Failure {
 }
 
 /// The most of the original value a dead letter carries. A dead letter must always fit on the
-/// topic (the broker's default `max.message.bytes` is 1 MiB): one that cannot be produced would
-/// hold its stage on the record forever. Larger values keep their first bytes and their size.
+/// topic: one that cannot be produced would hold its stage on the record forever. Larger values
+/// keep their first bytes and their size. A topic whose `max.message.bytes` is smaller cuts
+/// them further ([`envelope_within`]).
 pub const MAX_ORIGINAL_VALUE_BYTES: usize = 256 * 1024;
+/// What a record takes besides its encoded value: the record batch and record framing, the key
+/// (counted apart) and the pipeline's headers (content type, producer, trace context).
+const RECORD_OVERHEAD_BYTES: usize = 2 * 1024;
+/// Below this a topic is taken as unable to hold dead letters at all.
+const MIN_DEAD_LETTER_BYTES: usize = 4 * 1024;
+/// What is left of an error message when even the value could not make room.
+const MIN_ERROR_MESSAGE_BYTES: usize = 512;
 /// The most of the original key, the error message and the original headers (together) a dead
 /// letter carries, for the same reason.
 pub const MAX_ORIGINAL_KEY_BYTES: usize = 4 * 1024;
@@ -97,6 +108,47 @@ pub fn envelope(record: &OwnedMessage, failure: Failure, service: &str) -> DeadL
     }
 }
 
+/// The envelope for `record` cut to fit a record of at most `max_record_bytes` on the topic,
+/// encoded as `content_type`: the original value loses its tail first (marked truncated, its
+/// size kept), then the original headers, then the error message's tail.
+pub fn envelope_within(
+    record: &OwnedMessage,
+    failure: Failure,
+    service: &str,
+    content_type: ContentType,
+    max_record_bytes: usize,
+) -> DeadLetter {
+    let mut dead_letter = envelope(record, failure, service);
+    let budget = max_record_bytes
+        .saturating_sub(RECORD_OVERHEAD_BYTES + record_key(&dead_letter).len())
+        .max(1);
+    loop {
+        let size = triage_proto::encode(&dead_letter, content_type).len();
+        let Some(excess) = size.checked_sub(budget).filter(|excess| *excess > 0) else {
+            break;
+        };
+        if !dead_letter.original_value.is_empty() {
+            // A value byte is one encoded byte in protobuf and 4/3 in JSON's base64.
+            let cut = match content_type {
+                ContentType::Protobuf => excess,
+                ContentType::Json => excess.div_ceil(4) * 3,
+            };
+            let keep = dead_letter.original_value.len().saturating_sub(cut);
+            dead_letter.original_value.truncate(keep);
+            dead_letter.original_value_truncated = true;
+        } else if !dead_letter.original_headers.is_empty() {
+            dead_letter.original_headers.pop();
+        } else if dead_letter.error_message.len() > MIN_ERROR_MESSAGE_BYTES {
+            dead_letter.error_message =
+                truncate_text(dead_letter.error_message, MIN_ERROR_MESSAGE_BYTES);
+        } else {
+            // Nothing more to cut: the topic will say whether it fits.
+            break;
+        }
+    }
+    dead_letter
+}
+
 /// Where and how a stage produces its dead letters.
 pub struct DeadLetterTarget<'a> {
     pub producer: &'a ContractProducer,
@@ -110,34 +162,60 @@ impl DeadLetterTarget<'_> {
     /// Gives `record` up: produces its dead letter and waits for the broker's acknowledgement,
     /// the one way every consumer stage does it. [`Disposition::Done`] once acknowledged,
     /// `Abandon` when shutdown came first, `Fatal` when the topic refuses even a dead letter cut
-    /// to the caps above (its `max.message.bytes` is below what the pipeline needs, or the
-    /// service may not write to it): no record could be given up then.
+    /// to a few KiB (or the service may not write to it): no record could be given up then.
+    ///
+    /// The dead letter is cut to the producer's largest record size; a topic whose
+    /// `max.message.bytes` is smaller refuses it as too large, and the size is then halved
+    /// (and remembered by the producer) until it fits.
     pub async fn produce(
         &self,
         record: &OwnedMessage,
         failure: Failure,
         trace: &opentelemetry::Context,
     ) -> Disposition {
-        let envelope = envelope(record, failure, self.service);
-        let key = record_key(&envelope);
-        let sent = self
-            .producer
-            .send_until_acknowledged(
-                self.topic,
-                &key,
-                &envelope,
-                trace,
-                self.delays,
-                self.shutdown,
-            )
-            .await;
-        match sent {
-            Ok(_) => Disposition::Done,
-            Err(Unsent::ShutDown) => Disposition::Abandon,
-            Err(error @ (Unsent::Rejected(_) | Unsent::Fatal(_))) => Disposition::Fatal(format!(
-                "cannot produce a dead letter to {}: {error}",
-                self.topic
-            )),
+        let mut max_record_bytes = self.producer.max_message_bytes();
+        loop {
+            let envelope = envelope_within(
+                record,
+                failure.clone(),
+                self.service,
+                self.producer.content_type(),
+                max_record_bytes,
+            );
+            let key = record_key(&envelope);
+            let sent = self
+                .producer
+                .send_until_acknowledged(
+                    self.topic,
+                    &key,
+                    &envelope,
+                    trace,
+                    self.delays,
+                    self.shutdown,
+                )
+                .await;
+            match sent {
+                Ok(_) => return Disposition::Done,
+                Err(Unsent::ShutDown) => return Disposition::Abandon,
+                Err(Unsent::Rejected(error))
+                    if error.is_too_large() && max_record_bytes > MIN_DEAD_LETTER_BYTES =>
+                {
+                    max_record_bytes = (max_record_bytes / 2).max(MIN_DEAD_LETTER_BYTES);
+                    tracing::warn!(
+                        topic = self.topic,
+                        max_record_bytes,
+                        error = %error,
+                        "dead-letter topic refused a record as too large; cutting dead letters smaller"
+                    );
+                    self.producer.lower_max_message_bytes(max_record_bytes);
+                }
+                Err(error @ (Unsent::Rejected(_) | Unsent::Fatal(_))) => {
+                    return Disposition::Fatal(format!(
+                        "cannot produce a dead letter to {}: {error}",
+                        self.topic
+                    ));
+                }
+            }
         }
     }
 }
@@ -222,5 +300,40 @@ mod tests {
         assert!(!dead_letter.original_value_truncated);
         assert_eq!(dead_letter.original_value, b"{}");
         assert_eq!(dead_letter.original_value_size, 2);
+    }
+
+    #[test]
+    fn a_dead_letter_is_cut_to_a_small_topic_limit_in_either_encoding() {
+        let value = vec![b'x'; 5 * 1024 * 1024];
+        let record = OwnedMessage::new(
+            Some(value.clone()),
+            Some(b"ticket-1".to_vec()),
+            "events".into(),
+            Timestamp::NotAvailable,
+            0,
+            7,
+            None,
+        );
+        for content_type in [
+            triage_proto::ContentType::Protobuf,
+            triage_proto::ContentType::Json,
+        ] {
+            let dead_letter = envelope_within(
+                &record,
+                Failure::immediate(ErrorClass::InvalidEvent, "too big"),
+                "test",
+                content_type,
+                64 * 1024,
+            );
+            let encoded = triage_proto::encode(&dead_letter, content_type).len();
+            assert!(encoded <= 62 * 1024, "{content_type:?}: {encoded} bytes");
+            assert!(
+                encoded > 32 * 1024,
+                "{content_type:?}: cut more than needed"
+            );
+            assert!(dead_letter.original_value_truncated);
+            assert_eq!(dead_letter.original_value_size, value.len() as u64);
+            assert_eq!(dead_letter.error_message, "too big");
+        }
     }
 }

@@ -1,11 +1,12 @@
 //! Kafka clients built from [`KafkaConfig`](crate::config::KafkaConfig): topic provisioning
 //! ([`admin`]), record headers and trace context ([`headers`]), the contract producer
-//! ([`producer`]), the at-least-once consumer runtime ([`consumer`]) and the one place that
-//! decides which offset may be committed ([`offsets`]).
+//! ([`producer`]), the at-least-once consumer runtime ([`consumer`]) with its per-partition flow
+//! control ([`flow`]), and the one place that decides which offset may be committed ([`offsets`]).
 
 pub mod admin;
 pub mod consumer;
 pub mod dead_letter;
+mod flow;
 pub mod headers;
 pub mod offsets;
 pub mod producer;
@@ -65,14 +66,40 @@ impl KafkaConfig {
         if let Some(username) = &self.sasl_username {
             config.set("sasl.username", username);
         }
-        if let Some(password) = &self.sasl_password {
+        if let Some(password) = self.sasl_password() {
             config.set("sasl.password", password.expose());
         }
         if let Some(ca) = &self.ssl_ca_location {
             config.set("ssl.ca.location", ca.display().to_string());
         }
+        if let Some(certificate) = &self.ssl_certificate_location {
+            config.set(
+                "ssl.certificate.location",
+                certificate.display().to_string(),
+            );
+        }
+        if let Some(key) = &self.ssl_key_location {
+            config.set("ssl.key.location", key.display().to_string());
+        }
         self.apply_extra(&mut config);
         config
+    }
+
+    /// The SASL password: the file's content when `sasl_password_file` is set (read at each
+    /// client's creation, so a rotated Secret reaches the next client), else `sasl_password`.
+    /// An unreadable file was reported by `validate`; should it vanish later, no password is
+    /// set and the broker's refusal says so.
+    fn sasl_password(&self) -> Option<crate::config::Secret> {
+        match &self.sasl_password_file {
+            Some(path) => match crate::tls::read_secret_file("kafka.sasl_password_file", path) {
+                Ok(password) => Some(password),
+                Err(error) => {
+                    tracing::error!(error = %error, "cannot read the Kafka SASL password");
+                    None
+                }
+            },
+            None => self.sasl_password.clone(),
+        }
     }
 
     /// Applied after our defaults, so an operator's librdkafka setting wins over them.
@@ -111,16 +138,20 @@ impl KafkaConfig {
     }
 }
 
-/// Asks the cluster for its metadata: the cheapest proof that the brokers answer. Blocking;
-/// call it from `spawn_blocking`.
-pub fn probe_brokers(client: &BaseConsumer, timeout: Duration) -> Result<usize, KafkaError> {
+/// Asks the cluster for metadata, of `topic` only when given (the whole cluster's otherwise):
+/// proof that the brokers answer. Blocking; call it from `spawn_blocking`.
+pub fn probe_brokers(
+    client: &BaseConsumer,
+    topic: Option<&str>,
+    timeout: Duration,
+) -> Result<usize, KafkaError> {
     client
-        .fetch_metadata(None, timeout)
+        .fetch_metadata(topic, timeout)
         .map(|metadata| metadata.brokers().len())
         .map_err(|source| KafkaError::Unreachable { timeout, source })
 }
 
-/// A client kept only to probe broker reachability for `/readyz`.
+/// A client kept only to probe broker reachability for the dependency health checks.
 pub fn probe_client(config: &KafkaConfig, service: &str) -> Result<BaseConsumer, KafkaError> {
     config
         .client_config(&format!("{service}-probe"))

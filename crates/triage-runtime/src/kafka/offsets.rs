@@ -170,6 +170,19 @@ impl OffsetTracker {
             .sum()
     }
 
+    /// Records handed out and not finished, per assigned partition.
+    pub fn pending_by_partition(&self) -> Vec<(PartitionKey, usize)> {
+        self.partitions
+            .iter()
+            .map(|(partition, (_, offsets))| (partition.clone(), offsets.pending()))
+            .collect()
+    }
+
+    /// How many partitions are assigned.
+    pub fn assigned(&self) -> usize {
+        self.partitions.len()
+    }
+
     /// The partition whose commit point has stood still longest while records wait, and for how
     /// long: a record that never finishes (a handler stuck or lost) shows here, not only as
     /// lag that looks like ordinary load.

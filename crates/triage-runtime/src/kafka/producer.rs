@@ -1,7 +1,13 @@
 //! The producer every service uses to publish contract messages: idempotent, `acks=all`, and
 //! awaited, so a caller learns the partition and offset only once the broker holds the record.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use backon::BackoffBuilder;
 use rdkafka::{
@@ -50,6 +56,20 @@ pub enum ProduceFailure {
 }
 
 impl ProduceError {
+    /// The record (or its batch) exceeds a size limit: the producer's `message.max.bytes` or
+    /// the topic's `max.message.bytes`.
+    pub fn is_too_large(&self) -> bool {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        matches!(
+            self,
+            ProduceError::Refused { source, .. }
+                if matches!(
+                    source.rdkafka_error_code(),
+                    Some(Code::MessageSizeTooLarge | Code::MessageBatchTooLarge)
+                )
+        )
+    }
+
     pub fn failure(&self) -> ProduceFailure {
         use rdkafka::types::RDKafkaErrorCode as Code;
         let code = match self {
@@ -103,7 +123,14 @@ pub struct ContractProducer {
     service: &'static str,
     content_type: ContentType,
     delivery_timeout: Duration,
+    /// The largest record this producer expects a topic to take: the producer's
+    /// `message.max.bytes` at first, lowered when a topic refuses a record as too large (its
+    /// `max.message.bytes` is smaller). Shared by clones; dead letters are cut to it.
+    max_message_bytes: Arc<AtomicUsize>,
 }
+
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
 impl ContractProducer {
     /// `delivery_timeout` bounds how long a send may wait for the broker, retries included
@@ -125,12 +152,29 @@ impl ContractProducer {
                 role: "producer",
                 source,
             })?;
+        let max_message_bytes = kafka
+            .extra
+            .get("message.max.bytes")
+            .and_then(|bytes| bytes.parse().ok())
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
         Ok(ContractProducer {
             inner,
             service,
             content_type,
             delivery_timeout,
+            max_message_bytes: Arc::new(AtomicUsize::new(max_message_bytes)),
         })
+    }
+
+    /// The largest record a topic is expected to take (configured, or learned from a refusal).
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Records that a topic refused a record of `refused_at` bytes or more.
+    pub fn lower_max_message_bytes(&self, refused_at: usize) {
+        self.max_message_bytes
+            .fetch_min(refused_at, Ordering::Relaxed);
     }
 
     pub fn content_type(&self) -> ContentType {

@@ -479,8 +479,9 @@ impl Dispatcher {
 }
 
 /// Backoff for calls that wait on the brokers coming back: 0.5 s doubling to 10 s, for as long
-/// as it takes. The stage has nothing better to do; each retry logs why, `/readyz` fails while
-/// the brokers are unreachable, and a shutdown still ends at the drain deadline.
+/// as it takes. The stage has nothing better to do; each retry logs why, `/healthz?verbose` and
+/// `triage_dependency_up{dependency="kafka"}` show the brokers unreachable, and a shutdown still
+/// ends at the drain deadline.
 fn while_brokers_recover() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(500))

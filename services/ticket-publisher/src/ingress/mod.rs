@@ -293,7 +293,7 @@ impl Ingress {
             });
         }
         let store_down = |error: crate::idempotency::StoreError| {
-            // Per request, so DEBUG; `/readyz` reports Redis down and the 503s are counted.
+            // Per request, so DEBUG; `/healthz?verbose` and `triage_dependency_up` report Redis down and the 503s are counted.
             tracing::debug!(error = %error, "idempotency store unavailable");
             ApiError::IdempotencyStoreUnavailable {
                 retry_after: REDIS_RETRY_AFTER,

@@ -1,0 +1,111 @@
+//! PostgreSQL over TLS with verify-full, against the TLS stack's real server
+//! (`deploy/tls-stack.sh up`), which accepts the `triage` role only over TLS and with the password
+//! of a file. A server whose certificate another CA signed is refused, and the service binary
+//! then stops with one line and exit code 78 instead of retrying forever.
+
+use std::time::Duration;
+
+use result_writer::{
+    config::DatabaseConfig,
+    db::{self, DbFailure},
+};
+use triage_runtime::{config::Secret, tls::TlsConfig};
+use triage_test_support::{ServiceProcess, TestContext, TlsStack, free_port, workspace_binary};
+
+fn database(ctx: &TestContext, ca: &str) -> DatabaseConfig {
+    let stack = TlsStack::get();
+    DatabaseConfig {
+        url: Secret::new(stack.database_url.clone()),
+        password_file: Some(stack.file("postgres-password")),
+        tls: TlsConfig {
+            enabled: true,
+            ca_file: Some(stack.file(ca)),
+            ..Default::default()
+        },
+        schema: ctx.db_schema.clone(),
+        pool_size: 2,
+        connect_timeout: Duration::from_secs(5),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn tls_postgres_verify_full_migrates_and_the_session_is_encrypted() {
+    let ctx = TestContext::new("tls_postgres_verify_full");
+    let pool = db::connect(&database(&ctx, "ca.crt")).unwrap();
+    db::migrate(&pool, &ctx.db_schema).await.unwrap();
+    let client = pool.get().await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "the session is not encrypted");
+    let version: String = row.get(1);
+    assert!(version.starts_with("TLSv1."), "{version}");
+    client
+        .batch_execute(&format!("DROP SCHEMA {} CASCADE", ctx.db_schema))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn tls_postgres_refuses_a_server_of_another_ca_as_fatal() {
+    let ctx = TestContext::new("tls_postgres_wrong_ca");
+    let pool = db::connect(&database(&ctx, "wrong-ca.crt")).unwrap();
+    let error = db::migrate(&pool, &ctx.db_schema).await.unwrap_err();
+    assert_eq!(error.failure(), DbFailure::Fatal, "{error}");
+    assert!(error.to_string().contains("certificate"), "{error}");
+}
+
+/// The service binary with a CA that did not sign the server's certificate: one line naming
+/// the refused certificate, exit code 78 (EX_CONFIG), no retry loop, no panic, no password.
+#[tokio::test]
+async fn tls_result_writer_with_a_wrong_ca_exits_78_with_one_clear_line() {
+    let ctx = TestContext::new("tls_result_writer_wrong_ca");
+    let stack = TlsStack::get();
+    let mut env = ctx.service_env();
+    env.extend(
+        [
+            ("TRIAGE_DATABASE__URL", stack.database_url.clone()),
+            (
+                "TRIAGE_DATABASE__PASSWORD_FILE",
+                stack.file("postgres-password").display().to_string(),
+            ),
+            ("TRIAGE_DATABASE__TLS__ENABLED", "true".into()),
+            (
+                "TRIAGE_DATABASE__TLS__CA_FILE",
+                stack.file("wrong-ca.crt").display().to_string(),
+            ),
+            ("TRIAGE_DATABASE__SCHEMA", ctx.db_schema.clone()),
+            ("TRIAGE_API__LISTEN", format!("127.0.0.1:{}", free_port())),
+            ("TRIAGE_CONSUMER__GROUP_ID", ctx.group("writer")),
+        ]
+        .map(|(key, value)| (key.to_owned(), value)),
+    );
+    let process = ServiceProcess::spawn(&workspace_binary("result-writer"), &[], &env);
+    let status = process.wait_exit(Duration::from_secs(30)).await;
+    let log = process.log();
+    assert_eq!(status.code(), Some(78), "{log}");
+    // Besides the JSON log lines (the health watcher may have logged postgres as down once),
+    // exactly one plain line: the reason for the exit.
+    let plain_lines: Vec<&str> = log
+        .lines()
+        .filter(|line| !line.starts_with('{') && !line.trim().is_empty())
+        .collect();
+    assert_eq!(plain_lines.len(), 1, "{log}");
+    assert!(
+        plain_lines[0].starts_with("result-writer: failed to migrate the database: ")
+            && plain_lines[0].contains("invalid peer certificate: UnknownIssuer"),
+        "{log}"
+    );
+    assert!(!log.contains("\"level\":\"ERROR\""), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(!log.contains("cannot migrate the database yet"), "{log}");
+    assert!(
+        !log.contains(stack.password("postgres-password").trim()),
+        "{log}"
+    );
+}
