@@ -76,8 +76,9 @@ LABEL org.opencontainers.image.title="ticket-triage" \
 # Non-root, and nothing to write outside /tmp (the chart mounts the root filesystem read-only).
 USER 65532:65532
 WORKDIR /tmp
-# Admin (/healthz, /readyz, /metrics), ticket HTTP and gRPC, result-writer API, External Metrics, llm-sim.
-EXPOSE 9090 8080 50051 8081 6443 8089
+# Admin (/healthz, /readyz, /metrics), ticket HTTP and gRPC, result-writer API and console,
+# dlq-alerter dead-letter API, External Metrics, llm-sim.
+EXPOSE 9090 8080 50051 8081 8082 6443 8089
 
 FROM runtime AS ticket-publisher
 ENTRYPOINT ["/usr/local/bin/ticket-publisher"]
