@@ -188,6 +188,16 @@ fn start_with_metrics(
     Running { trigger, task }
 }
 
+/// The value of the consumer gauge `name` in the registry's Prometheus text.
+fn gauge(registry: &prometheus_client::registry::Registry, name: &str) -> Option<f64> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text.lines()
+        .find(|line| line.starts_with(&format!("{name}{{")))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse::<f64>().ok())
+}
+
 fn records(count: usize, key: impl Fn(usize) -> String) -> Vec<(String, Vec<u8>)> {
     (0..count)
         .map(|i| (key(i), format!("v{i}").into_bytes()))
@@ -355,12 +365,7 @@ async fn a_partition_blocked_behind_one_key_does_not_stop_the_others() {
     let mut registry = prometheus_client::registry::Registry::with_prefix("triage");
     let metrics = ConsumerMetrics::register(&mut registry);
     let held_partitions = |registry: &prometheus_client::registry::Registry| {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
-        text.lines()
-            .find(|line| line.starts_with("triage_consumer_partitions_held{"))
-            .and_then(|line| line.rsplit(' ').next())
-            .and_then(|value| value.parse::<i64>().ok())
+        gauge(registry, "triage_consumer_partitions_held")
     };
     let group = context.group("worker");
     let config = ConsumerConfig {
@@ -381,7 +386,7 @@ async fn a_partition_blocked_behind_one_key_does_not_stop_the_others() {
         DEADLINE,
         || async {
             held_partitions(&registry)
-                .filter(|held| *held >= 1)
+                .filter(|held| *held >= 1.0)
                 .map(|_| ())
         },
     )
@@ -437,7 +442,7 @@ async fn a_partition_blocked_behind_one_key_does_not_stop_the_others() {
         .collect();
     assert_eq!(stuck_order, (0..40).collect::<Vec<i64>>());
     wait_until("nothing is held once it drained", DEADLINE, || async {
-        (held_partitions(&registry) == Some(0)).then_some(())
+        (held_partitions(&registry) == Some(0.0)).then_some(())
     })
     .await;
     consumer.stop().await;
@@ -690,12 +695,7 @@ async fn a_commit_point_held_by_one_record_shows_as_stalled() {
     let mut registry = prometheus_client::registry::Registry::with_prefix("triage");
     let metrics = ConsumerMetrics::register(&mut registry);
     let stalled_seconds = |registry: &prometheus_client::registry::Registry| {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
-        text.lines()
-            .find(|line| line.starts_with("triage_consumer_commit_stalled_seconds{"))
-            .and_then(|line| line.rsplit(' ').next())
-            .and_then(|value| value.parse::<f64>().ok())
+        gauge(registry, "triage_consumer_commit_stalled_seconds")
     };
     let group = context.group("worker");
     let config = ConsumerConfig {

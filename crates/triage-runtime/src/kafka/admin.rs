@@ -57,21 +57,24 @@ pub enum TopicOutcome {
     },
 }
 
+fn admin_client(kafka: &KafkaConfig) -> Result<Arc<AdminClient<DefaultClientContext>>, KafkaError> {
+    kafka
+        .client_config("admin")
+        .create()
+        .map(Arc::new)
+        .map_err(|source| KafkaError::Client {
+            role: "admin",
+            source,
+        })
+}
+
 /// Creates the missing topics; never changes an existing one. Running it again changes nothing,
 /// so every replica of every service may call it at start.
 pub async fn ensure_topics(
     kafka: &KafkaConfig,
     specs: &[TopicSpec],
 ) -> Result<Vec<(String, TopicOutcome)>, KafkaError> {
-    let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(
-        kafka
-            .client_config("admin")
-            .create()
-            .map_err(|source| KafkaError::Client {
-                role: "admin",
-                source,
-            })?,
-    );
+    let admin = admin_client(kafka)?;
     let options = AdminOptions::new()
         .operation_timeout(Some(ADMIN_TIMEOUT))
         .request_timeout(Some(ADMIN_TIMEOUT));
@@ -158,15 +161,7 @@ pub async fn grow_partitions(
     topic: &str,
     partitions: i32,
 ) -> Result<i32, KafkaError> {
-    let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(
-        kafka
-            .client_config("admin")
-            .create()
-            .map_err(|source| KafkaError::Client {
-                role: "admin",
-                source,
-            })?,
-    );
+    let admin = admin_client(kafka)?;
     let current = partition_count(&admin, topic).await?;
     if current == 0 {
         return Err(KafkaError::Topic {
