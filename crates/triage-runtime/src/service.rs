@@ -22,6 +22,7 @@ pub const EXIT_CONFIG: u8 = 78;
 /// A service configuration: the shared sections every service has.
 pub trait ServiceConfig: Default + Serialize + DeserializeOwned + Validate {
     fn telemetry(&self) -> &TelemetryConfig;
+    fn kafka(&self) -> &KafkaConfig;
 }
 
 /// Loads the configuration and starts telemetry. On a bad configuration, prints one line to
@@ -43,8 +44,9 @@ pub fn bootstrap<C: ServiceConfig>(service: &'static str) -> Result<(C, Telemetr
     }
 }
 
-/// The whole of a service's `main`: configuration and telemetry, then `run` until SIGTERM or
-/// SIGINT, mapped to an exit code.
+/// The whole of a service's `main`: configuration and telemetry, the check that the Kafka brokers
+/// accept the configured credentials (a refusal exits 78 at once instead of being retried
+/// forever), then `run` until SIGTERM or SIGINT, mapped to an exit code.
 pub fn main<C, F, Fut>(service: &'static str, run: F) -> ExitCode
 where
     C: ServiceConfig,
@@ -56,6 +58,7 @@ where
         Err(exit_code) => return exit_code,
     };
     block_on(service, async move {
+        kafka::credentials::check_credentials(config.kafka(), service).await?;
         run(
             config,
             crate::shutdown::from_future(crate::shutdown::signal()),
@@ -97,12 +100,17 @@ where
     }
 }
 
-/// A failure only an operator can fix: a configuration that cannot be used, or a TLS
-/// certificate refused (a wrong CA, a host name the certificate does not name).
+/// A failure only an operator can fix: a configuration that cannot be used, a TLS certificate
+/// refused (a wrong CA, a host name the certificate does not name), or Kafka credentials the
+/// brokers refused.
 pub fn is_configuration_failure(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause.is::<config::ConfigError>()
             || cause.is::<tls::TlsError>()
+            || matches!(
+                cause.downcast_ref::<kafka::KafkaError>(),
+                Some(kafka::KafkaError::Refused { .. })
+            )
             || tls::is_certificate_rejection(cause)
     })
 }

@@ -286,6 +286,10 @@ impl ServiceConfig for Config {
     fn telemetry(&self) -> &TelemetryConfig {
         &self.telemetry
     }
+
+    fn kafka(&self) -> &KafkaConfig {
+        &self.kafka
+    }
 }
 
 #[cfg(test)]

@@ -350,6 +350,10 @@ impl ServiceConfig for Config {
     fn telemetry(&self) -> &TelemetryConfig {
         &self.telemetry
     }
+
+    fn kafka(&self) -> &KafkaConfig {
+        &self.kafka
+    }
 }
 
 #[cfg(test)]

@@ -60,16 +60,15 @@ async fn tls_postgres_refuses_a_server_of_another_ca_as_fatal() {
     assert!(error.to_string().contains("certificate"), "{error}");
 }
 
-/// The service binary with a CA that did not sign the server's certificate: one line naming
-/// the refused certificate, exit code 78 (EX_CONFIG), no retry loop, no panic, no password.
+/// The service binary with a PostgreSQL CA that did not sign the server's certificate: one line
+/// naming the refused certificate, exit code 78 (EX_CONFIG), no retry loop, no panic, no password.
 #[tokio::test]
 async fn tls_result_writer_with_a_wrong_ca_exits_78_with_one_clear_line() {
     let ctx = TestContext::new("tls_result_writer_wrong_ca");
     let stack = TlsStack::get();
-    let mut env = ctx.service_env();
-    env.extend(
-        [
-            ("TRIAGE_DATABASE__URL", stack.database_url.clone()),
+    let line = exits_78_with_one_line(
+        &ctx,
+        &[
             (
                 "TRIAGE_DATABASE__PASSWORD_FILE",
                 stack.file("postgres-password").display().to_string(),
@@ -79,33 +78,113 @@ async fn tls_result_writer_with_a_wrong_ca_exits_78_with_one_clear_line() {
                 "TRIAGE_DATABASE__TLS__CA_FILE",
                 stack.file("wrong-ca.crt").display().to_string(),
             ),
+        ],
+        "cannot migrate the database yet",
+    )
+    .await;
+    assert!(
+        line.starts_with("result-writer: failed to migrate the database: ")
+            && line.contains("invalid peer certificate: UnknownIssuer"),
+        "{line}"
+    );
+}
+
+/// The same for Kafka, which librdkafka would otherwise retry forever: a CA that did not sign the
+/// brokers' certificates (mTLS listener), and a wrong SASL password (SASL_SSL listener). The check
+/// runs before any stage starts, so it is the same for every service.
+#[tokio::test]
+async fn tls_result_writer_with_a_wrong_kafka_ca_or_password_exits_78_with_one_clear_line() {
+    let ctx = TestContext::new("tls_result_writer_wrong_kafka_ca");
+    let stack = TlsStack::get();
+    let file = |name: &str| stack.file(name).display().to_string();
+    let line = exits_78_with_one_line(
+        &ctx,
+        &[
+            (
+                "TRIAGE_KAFKA__BOOTSTRAP_SERVERS",
+                stack.kafka_mtls_bootstrap.clone(),
+            ),
+            ("TRIAGE_KAFKA__SECURITY_PROTOCOL", "ssl".into()),
+            ("TRIAGE_KAFKA__SSL_CA_LOCATION", file("wrong-ca.crt")),
+            ("TRIAGE_KAFKA__SSL_CERTIFICATE_LOCATION", file("client.crt")),
+            ("TRIAGE_KAFKA__SSL_KEY_LOCATION", file("client.key")),
+        ],
+        "admin server listening",
+    )
+    .await;
+    assert!(
+        line.starts_with(
+            "result-writer: the Kafka brokers refused this client's security settings: "
+        ) && line.contains("certificate verify failed"),
+        "{line}"
+    );
+
+    let line = exits_78_with_one_line(
+        &ctx,
+        &[
+            (
+                "TRIAGE_KAFKA__BOOTSTRAP_SERVERS",
+                stack.kafka_sasl_bootstrap.clone(),
+            ),
+            ("TRIAGE_KAFKA__SECURITY_PROTOCOL", "sasl_ssl".into()),
+            ("TRIAGE_KAFKA__SASL_MECHANISM", "SCRAM-SHA-512".into()),
+            (
+                "TRIAGE_KAFKA__SASL_USERNAME",
+                stack.kafka_sasl_username.clone(),
+            ),
+            ("TRIAGE_KAFKA__SASL_PASSWORD", "not-the-password".into()),
+            ("TRIAGE_KAFKA__SSL_CA_LOCATION", file("ca.crt")),
+        ],
+        "admin server listening",
+    )
+    .await;
+    assert!(
+        line.contains("refused this client's security settings")
+            && line.contains("Authentication failed"),
+        "{line}"
+    );
+    assert!(!line.contains("not-the-password"), "{line}");
+}
+
+/// Starts result-writer against the TLS stack's PostgreSQL with `overrides` and returns the one
+/// plain line it printed before exiting 78. Besides that line only JSON log lines are allowed (the
+/// health watcher may have logged a dependency as down once), none at ERROR, no panic, no line
+/// containing `no_retry` (the log of a retry loop) and no password of the stack.
+async fn exits_78_with_one_line(
+    ctx: &TestContext,
+    overrides: &[(&str, String)],
+    no_retry: &str,
+) -> String {
+    let stack = TlsStack::get();
+    let mut env = ctx.service_env();
+    env.extend(
+        [
+            ("TRIAGE_DATABASE__URL", stack.database_url.clone()),
             ("TRIAGE_DATABASE__SCHEMA", ctx.db_schema.clone()),
             ("TRIAGE_API__LISTEN", format!("127.0.0.1:{}", free_port())),
             ("TRIAGE_CONSUMER__GROUP_ID", ctx.group("writer")),
         ]
         .map(|(key, value)| (key.to_owned(), value)),
     );
+    env.extend(
+        overrides
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), value.clone())),
+    );
     let process = ServiceProcess::spawn(&workspace_binary("result-writer"), &[], &env);
     let status = process.wait_exit(Duration::from_secs(30)).await;
     let log = process.log();
     assert_eq!(status.code(), Some(78), "{log}");
-    // Besides the JSON log lines (the health watcher may have logged postgres as down once),
-    // exactly one plain line: the reason for the exit.
     let plain_lines: Vec<&str> = log
         .lines()
         .filter(|line| !line.starts_with('{') && !line.trim().is_empty())
         .collect();
     assert_eq!(plain_lines.len(), 1, "{log}");
-    assert!(
-        plain_lines[0].starts_with("result-writer: failed to migrate the database: ")
-            && plain_lines[0].contains("invalid peer certificate: UnknownIssuer"),
-        "{log}"
-    );
     assert!(!log.contains("\"level\":\"ERROR\""), "{log}");
     assert!(!log.contains("panicked"), "{log}");
-    assert!(!log.contains("cannot migrate the database yet"), "{log}");
-    assert!(
-        !log.contains(stack.password("postgres-password").trim()),
-        "{log}"
-    );
+    assert!(!log.contains(no_retry), "{log}");
+    for secret in ["postgres-password", "kafka-password"] {
+        assert!(!log.contains(stack.password(secret).trim()), "{log}");
+    }
+    plain_lines[0].to_owned()
 }

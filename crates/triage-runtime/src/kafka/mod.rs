@@ -1,10 +1,13 @@
 //! Kafka clients built from [`KafkaConfig`](crate::config::KafkaConfig): topic provisioning
 //! ([`admin`]), record headers and trace context ([`headers`]), the contract producer
 //! ([`producer`]), the at-least-once consumer runtime ([`consumer`]) with its per-partition flow
-//! control ([`flow`]), and the one place that decides which offset may be committed ([`offsets`]).
+//! control ([`flow`]), the one place that decides which offset may be committed ([`offsets`]),
+//! and the start-up check that stops a service whose TLS or SASL settings the brokers refuse
+//! ([`credentials`]).
 
 pub mod admin;
 pub mod consumer;
+pub mod credentials;
 pub mod dead_letter;
 mod flow;
 pub mod headers;
@@ -43,6 +46,10 @@ pub enum KafkaError {
     },
     #[error("Kafka admin request failed: {0}")]
     Admin(#[source] rdkafka::error::KafkaError),
+    /// The brokers refused this client's certificate, CA or SASL credentials. librdkafka only
+    /// says so in its error callback; `reason` is its text (it names no secret).
+    #[error("the Kafka brokers refused this client's security settings: {reason}")]
+    Refused { reason: String },
 }
 
 impl KafkaConfig {
