@@ -1,13 +1,17 @@
 //! The Helm chart, rendered by the real `helm template` for every value set under
 //! `helm/ticket-triage/ci/`, checked for what matters in a cluster: each consumer scales on its
 //! own group's lag, the aggregation layer reaches lag-autoscaler, replicas stop at the partition
-//! count, no secret lands in a ConfigMap, every container is locked down and probed, and every
-//! rendered config.toml loads into its service's real `Config`.
+//! count, no secret lands in a ConfigMap (nor, for the passwords the services read from files, in
+//! an environment variable), every container is locked down and probed, every rendered
+//! config.toml loads into its service's real `Config`, and every file it names is mounted.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use serde_json::Value;
-use triage_deploy_tests::{Rendered, VALUE_SETS, load_config, render};
+use triage_deploy_tests::{Rendered, VALUE_SETS, chart_dir, load_config, render};
 
 /// The consumer Deployments and the group each one must scale on (the services' default groups).
 const CONSUMERS: &[(&str, &str)] = &[
@@ -26,7 +30,26 @@ fn existing_secrets() -> BTreeMap<&'static str, &'static str> {
             "triage-backends/database-url",
             "postgres://triage:pw@pg.existing:5432/triage",
         ),
+        ("triage-db/db-password", "db-file-password-6f5e4d"),
     ])
+}
+
+/// Every value set under `helm/ticket-triage/ci/` (what deploy/helm-check.sh checks), so that a
+/// new one is tested here without being registered; `VALUE_SETS` must not name a missing one.
+fn value_sets() -> Vec<String> {
+    let mut sets: Vec<String> = std::fs::read_dir(chart_dir().join("ci"))
+        .expect("helm/ticket-triage/ci")
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with("-values.yaml"))
+        .collect();
+    sets.sort();
+    for listed in VALUE_SETS {
+        assert!(
+            sets.iter().any(|set| set == listed),
+            "VALUE_SETS names {listed}, which is not under helm/ticket-triage/ci"
+        );
+    }
+    sets
 }
 
 fn render_ok(values_files: &[&str], set: &[&str]) -> Rendered {
@@ -318,7 +341,8 @@ fn no_secret_value_appears_in_a_config_map() {
 
 #[test]
 fn every_container_runs_non_root_with_probes_and_drains_before_sigkill() {
-    for values in VALUE_SETS {
+    for values in value_sets() {
+        let values = values.as_str();
         let rendered = render_ok(&[values], &[]);
         let pods: Vec<&Value> = rendered
             .of_kind("Deployment")
@@ -406,7 +430,8 @@ fn every_container_runs_non_root_with_probes_and_drains_before_sigkill() {
 #[test]
 fn every_config_toml_loads_into_its_service_config() {
     let existing = existing_secrets();
-    for values in VALUE_SETS {
+    for values in value_sets() {
+        let values = values.as_str();
         let rendered = render_ok(&[values], &[]);
         let mut loaded = 0;
         for config_map in rendered.of_kind("ConfigMap") {
@@ -467,7 +492,7 @@ fn every_config_toml_loads_into_its_service_config() {
                         &config.tenants.keys_file,
                         &context,
                     );
-                    if *values == "secrets-values.yaml" {
+                    if values == "secrets-values.yaml" {
                         let acme = &config.tenants.known["acme"];
                         assert_eq!(
                             (
@@ -547,14 +572,27 @@ fn every_config_toml_loads_into_its_service_config() {
                 }
                 other => panic!("{context}: a ConfigMap for an unknown component {other}"),
             }
-            // The SASL password reaches every Kafka client, from the environment.
-            if toml.contains("sasl_ssl") || toml.contains("sasl_plaintext") {
-                assert!(
-                    env.iter()
-                        .any(|(k, v)| k == "TRIAGE_KAFKA__SASL_PASSWORD" && !v.is_empty()),
+            // Every file the config names (secrets, CAs, client certificates and keys) is in a
+            // volume mounted read-only at that path.
+            for path in paths_named(toml) {
+                file_source(&rendered, deployment, &path)
+                    .unwrap_or_else(|e| panic!("{context}: {e}"));
+            }
+            // The SASL password reaches every Kafka client as a mounted file, never a variable.
+            let shared: SharedSections =
+                load_config(toml, &env).unwrap_or_else(|e| panic!("{context}: {e}"));
+            if shared.kafka.security_protocol.starts_with("sasl") {
+                assert!(shared.kafka.sasl_password.is_none(), "{context}");
+                assert_eq!(
+                    shared.kafka.sasl_password_file.as_deref(),
+                    Some(Path::new("/etc/triage/secrets/kafka-sasl-password")),
                     "{context}"
                 );
             }
+            assert!(
+                env.iter().all(|(name, _)| !name.contains("SASL")),
+                "{context}: a SASL variable"
+            );
             loaded += 1;
         }
         assert_eq!(loaded, 6, "{values}");
@@ -683,6 +721,7 @@ fn a_typo_in_values_fails_before_anything_is_rendered() {
 #[serde(default)]
 struct SharedSections {
     admin: triage_runtime::config::AdminConfig,
+    kafka: triage_runtime::config::KafkaConfig,
 }
 
 impl triage_runtime::config::Validate for SharedSections {
@@ -821,4 +860,489 @@ fn lag_autoscaler_gets_a_token_to_check_the_aggregator_in_external_mode() {
         config.external_metrics.authentication.mode,
         lag_autoscaler::config::AuthMode::Delegated
     );
+}
+
+/// Every absolute path a config.toml names, at any depth (`ca_file`, `keys_file`, ...).
+fn paths_named(toml: &str) -> Vec<PathBuf> {
+    use figment::providers::{Format, Toml};
+    fn walk(value: &Value, paths: &mut Vec<PathBuf>) {
+        match value {
+            Value::String(text) if text.starts_with('/') => paths.push(PathBuf::from(text)),
+            Value::Array(items) => items.iter().for_each(|item| walk(item, paths)),
+            Value::Object(table) => table.values().for_each(|item| walk(item, paths)),
+            _ => {}
+        }
+    }
+    let value: Value = figment::Figment::from(Toml::string(toml))
+        .extract()
+        .expect("a rendered config.toml parses");
+    let mut paths = Vec::new();
+    walk(&value, &mut paths);
+    paths
+}
+
+/// Where the file at `path` in a workload's first container comes from: `(Secret, key)` (or
+/// `(ConfigMap, key)`), found through the read-only mount that holds it and its volume's items.
+/// A Secret the chart renders must hold that key.
+fn file_source(
+    rendered: &Rendered,
+    workload: &Value,
+    path: &Path,
+) -> Result<(String, String), String> {
+    let pod = &workload["spec"]["template"]["spec"];
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| {
+            m["mountPath"]
+                .as_str()
+                .is_some_and(|dir| path.starts_with(dir))
+        })
+        .max_by_key(|m| m["mountPath"].as_str().map_or(0, str::len))
+        .ok_or_else(|| format!("{} is not on a mounted volume", path.display()))?;
+    if mount["readOnly"] != true {
+        return Err(format!("{} is on a writable mount", path.display()));
+    }
+    let relative = path
+        .strip_prefix(mount["mountPath"].as_str().unwrap())
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .ok_or_else(|| format!("no volume {}", mount["name"]))?;
+    // (Secret name, its items) of each secret source of the volume.
+    let sources: Vec<(&Value, &Value)> = if volume["secret"].is_object() {
+        vec![(&volume["secret"]["secretName"], &volume["secret"]["items"])]
+    } else if let Some(sources) = volume["projected"]["sources"].as_array() {
+        sources
+            .iter()
+            .map(|source| (&source["secret"]["name"], &source["secret"]["items"]))
+            .collect()
+    } else if volume["configMap"].is_object() {
+        let name = volume["configMap"]["name"].as_str().unwrap_or_default();
+        let config_map = rendered
+            .get("ConfigMap", name)
+            .ok_or_else(|| format!("no ConfigMap {name}"))?;
+        return if config_map["data"][relative.as_str()].is_string() {
+            Ok((name.to_owned(), relative))
+        } else {
+            Err(format!("ConfigMap {name} has no {relative}"))
+        };
+    } else {
+        return Err(format!("{} is on a volume without files", path.display()));
+    };
+    for (name, items) in sources {
+        let name = name.as_str().unwrap_or_default().to_owned();
+        let key = match items.as_array() {
+            Some(items) => items
+                .iter()
+                .find(|item| item["path"] == relative.as_str())
+                .and_then(|item| item["key"].as_str())
+                .map(str::to_owned),
+            // Without items every key of the Secret is a file of that name.
+            None => Some(relative.clone()),
+        };
+        let Some(key) = key else { continue };
+        if let Some(data) = rendered.secret_data(&name)
+            && !data.contains_key(&key)
+        {
+            return Err(format!("the chart's Secret {name} has no key {key}"));
+        }
+        return Ok((name, key));
+    }
+    Err(format!(
+        "no volume item puts a file at {} (volume {})",
+        path.display(),
+        mount["name"]
+    ))
+}
+
+/// `path` is set and its file comes from `secret`'s `key`.
+fn assert_file_from(
+    rendered: &Rendered,
+    workload: &Value,
+    path: Option<&Path>,
+    (secret, key): (&str, &str),
+    context: &str,
+) {
+    let path = path.unwrap_or_else(|| panic!("{context}: no file for {secret}/{key}"));
+    let source = file_source(rendered, workload, path).unwrap_or_else(|e| panic!("{context}: {e}"));
+    assert_eq!(
+        (source.0.as_str(), source.1.as_str()),
+        (secret, key),
+        "{context}: {}",
+        path.display()
+    );
+}
+
+/// With every TLS option of `tls-values.yaml` on, each service reads the CA, client certificate,
+/// key and password of each of its dependencies from the Secret and key the values name.
+#[test]
+fn with_every_tls_option_each_service_reads_its_files_from_the_named_secrets() {
+    use triage_runtime::tls::TlsConfig;
+    let rendered = render_ok(&["tls-values.yaml"], &[]);
+    let existing = existing_secrets();
+    let tls_from = |workload: &Value,
+                    tls: &TlsConfig,
+                    ca: (&str, &str),
+                    client: (&str, &str, &str),
+                    context: &str| {
+        assert!(tls.enabled, "{context}");
+        assert_file_from(&rendered, workload, tls.ca_file.as_deref(), ca, context);
+        let (secret, cert, key) = client;
+        let cert_file = tls.cert_file.as_deref();
+        assert_file_from(&rendered, workload, cert_file, (secret, cert), context);
+        let key_file = tls.key_file.as_deref();
+        assert_file_from(&rendered, workload, key_file, (secret, key), context);
+    };
+    let redis_ca = ("redis-ca", "ca.pem");
+    let redis_client = ("triage-redis-client", "tls.crt", "tls.key");
+    let mut checked = Vec::new();
+    for workload in rendered.workloads() {
+        let component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
+            .as_str()
+            .unwrap();
+        let context = format!("tls-values.yaml: {component}");
+        let toml = config_toml(&rendered, component);
+        let env = rendered
+            .container_env(workload, &existing)
+            .unwrap_or_else(|e| panic!("{context}: {e}"));
+        let shared: SharedSections =
+            load_config(toml, &env).unwrap_or_else(|e| panic!("{context}: {e}"));
+        let kafka = &shared.kafka;
+        assert_eq!(kafka.security_protocol, "sasl_ssl", "{context}");
+        for (path, source) in [
+            (&kafka.ssl_ca_location, ("kafka-cluster-ca", "ca.crt")),
+            (
+                &kafka.ssl_certificate_location,
+                ("triage-kafka-client", "tls.crt"),
+            ),
+            (&kafka.ssl_key_location, ("triage-kafka-client", "tls.key")),
+            (&kafka.sasl_password_file, ("kafka-credentials", "password")),
+        ] {
+            assert_file_from(&rendered, workload, path.as_deref(), source, &context);
+        }
+        match component {
+            "ticket-publisher" => {
+                let config: ticket_publisher::config::Config =
+                    load_config(toml, &env).unwrap_or_else(|e| panic!("{context}: {e}"));
+                assert_rediss(&env, "TRIAGE_REDIS__URL", &context);
+                tls_from(
+                    workload,
+                    &config.redis.tls,
+                    redis_ca,
+                    redis_client,
+                    &context,
+                );
+            }
+            "inference-worker" => {
+                let config: inference_worker::config::Config =
+                    load_config(toml, &env).unwrap_or_else(|e| panic!("{context}: {e}"));
+                assert_rediss(&env, "TRIAGE_CACHE__REDIS_URL", &context);
+                tls_from(
+                    workload,
+                    &config.cache.tls,
+                    redis_ca,
+                    redis_client,
+                    &context,
+                );
+            }
+            "result-writer" => {
+                let config: result_writer::config::Config =
+                    load_config(toml, &env).unwrap_or_else(|e| panic!("{context}: {e}"));
+                let database = &config.database;
+                let client = ("triage-db-client", "client.crt", "client.key");
+                tls_from(
+                    workload,
+                    &database.tls,
+                    ("postgres-ca", "ca.crt"),
+                    client,
+                    &context,
+                );
+                let password = database.password_file.as_deref();
+                let source = ("triage-db", "db-password");
+                assert_file_from(&rendered, workload, password, source, &context);
+            }
+            // The dispatch stage, dlq-alerter and lag-autoscaler do not talk to Redis: no Redis
+            // files are mounted in their pods.
+            _ => {
+                let mounts = workload["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+                    .to_string();
+                assert!(!mounts.contains("redis"), "{context}: {mounts}");
+            }
+        }
+        checked.push(component.to_owned());
+    }
+    checked.sort();
+    assert_eq!(
+        checked,
+        [
+            "dlq-alerter",
+            "inference-worker",
+            "lag-autoscaler",
+            "result-writer",
+            "ticket-dispatcher",
+            "ticket-publisher"
+        ]
+    );
+}
+
+/// The Redis URL the environment gives (load_config falls back to the file alone when only
+/// pod files are missing, so the URL is read here) is a `rediss://` one, as TLS needs.
+fn assert_rediss(env: &[(String, String)], variable: &str, context: &str) {
+    let url = env
+        .iter()
+        .find(|(name, _)| name == variable)
+        .map(|(_, value)| value.as_str());
+    assert!(
+        url.is_some_and(|url| url.starts_with("rediss://")),
+        "{context}: {variable} is not a rediss:// URL"
+    );
+}
+
+/// TLS settings the services would refuse at start fail the render instead.
+#[test]
+fn tls_without_a_ca_or_with_a_plain_redis_url_fails_the_render() {
+    for (set, wanted) in [
+        (
+            vec!["redis.url=rediss://redis:6380", "redis.tls.enabled=true"],
+            "redis.tls.enabled needs redis.tls.caSecret",
+        ),
+        (
+            vec!["redis.tls.enabled=true", "redis.tls.caSecret=redis-ca"],
+            "needs a rediss:// redis.url",
+        ),
+        (
+            vec!["resultWriter.database.tls.enabled=true"],
+            "resultWriter.database.tls.enabled needs resultWriter.database.tls.caSecret",
+        ),
+    ] {
+        let error = render(&[], &set).expect_err(&format!("{set:?}"));
+        assert!(error.contains(wanted), "{set:?}: {error}");
+    }
+    for typo in [
+        "redis.tls.enable=true",
+        "resultWriter.database.tls.caSecretkey=x",
+        "resultWriter.database.passwordSecrets=x",
+    ] {
+        let error = render(&[], &[typo]).expect_err(typo);
+        assert!(
+            error.contains("values don't meet the specifications of the schema"),
+            "{typo}: {error}"
+        );
+    }
+}
+
+/// The Kafka SASL password and the database password file reach no environment variable, in
+/// any workload or the topics Job, whether the chart holds them or a Secret of the operator's.
+#[test]
+fn no_password_of_a_mounted_file_reaches_an_environment_variable() {
+    let existing = existing_secrets();
+    for (values, passwords) in [
+        ("secrets-values.yaml", vec!["kafka-password-0f9e8d"]),
+        (
+            "tls-values.yaml",
+            vec!["existing-kafka-password", "db-file-password-6f5e4d"],
+        ),
+        (
+            "existing-secrets-values.yaml",
+            vec!["existing-kafka-password"],
+        ),
+    ] {
+        let rendered = render_ok(&[values], &[]);
+        let workloads: Vec<&Value> = rendered
+            .workloads()
+            .chain(rendered.of_kind("Job"))
+            .collect();
+        assert!(workloads.len() >= 6, "{values}");
+        for workload in workloads {
+            let context = format!("{values}: {}", workload["metadata"]["name"]);
+            let env = rendered
+                .container_env(workload, &existing)
+                .unwrap_or_else(|e| panic!("{context}: {e}"));
+            for (name, value) in &env {
+                for password in &passwords {
+                    assert!(!value.contains(password), "{context}: {name} holds it");
+                }
+            }
+            let text = workload.to_string();
+            for password in &passwords {
+                assert!(!text.contains(password), "{context}");
+            }
+        }
+        for config_map in rendered.of_kind("ConfigMap") {
+            let text = config_map.to_string();
+            for password in &passwords {
+                assert!(
+                    !text.contains(password),
+                    "{values}: {}",
+                    config_map["metadata"]
+                );
+            }
+        }
+    }
+}
+
+/// The topics Job with SASL and mutual TLS: it mounts the client certificate and the password
+/// file, and its script, run against those files, writes client properties that give Kafka's
+/// PEM key store the certificate and key and give JAAS the password, however it is quoted.
+#[test]
+fn the_topics_job_presents_the_client_certificate_and_the_mounted_password() {
+    let rendered = render_ok(&["tls-values.yaml"], &[]);
+    let job = rendered
+        .get("Job", "triage-topics")
+        .expect("the topics Job");
+    let container = &job["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["valueFrom"].is_null()),
+        "no variable from a Secret: {}",
+        container["env"]
+    );
+    let script = container["args"][0].as_str().unwrap();
+    let cert = "/etc/triage/kafka-client/tls.crt";
+    let key = "/etc/triage/kafka-client/tls.key";
+    let password_file = "/etc/triage/secrets/kafka-sasl-password";
+    for (path, source) in [
+        (cert, ("triage-kafka-client", "tls.crt")),
+        (key, ("triage-kafka-client", "tls.key")),
+        (password_file, ("kafka-credentials", "password")),
+        (
+            "/etc/triage/kafka-ca/ca.crt",
+            ("kafka-cluster-ca", "ca.crt"),
+        ),
+    ] {
+        assert!(script.contains(path), "the script reads {path}");
+        assert_file_from(&rendered, job, Some(Path::new(path)), source, "topics Job");
+    }
+    // /tmp holds the password and the key while the Job runs: memory, not the node's disk.
+    let tmp = job["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "tmp")
+        .unwrap();
+    assert_eq!(tmp["emptyDir"]["medium"], "Memory");
+
+    // Run the script with sh, the mounts under a temporary directory, kafka-topics.sh a stub
+    // that keeps the --command-config file.
+    let dir = std::env::temp_dir().join(format!("triage-topics-job-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let root = dir.join("root");
+    let write = |path: &str, contents: &str| {
+        let file = root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, contents).unwrap();
+    };
+    let cert_pem =
+        "-----BEGIN CERTIFICATE-----\nMIIBcert0\nMIIBcert1==\n-----END CERTIFICATE-----\n";
+    let key_pem =
+        "-----BEGIN PRIVATE KEY-----\r\nMIIEkey0\r\nMIIEkey1=\r\n-----END PRIVATE KEY-----\r\n";
+    let password = r#"p"w\d$x`y 'z"#;
+    write(cert, cert_pem);
+    write(key, key_pem);
+    write(password_file, &format!("{password}\n"));
+    write("/etc/triage/kafka-ca/ca.crt", cert_pem);
+    let stub = dir.join("kafka-topics.sh");
+    let properties = dir.join("client.properties");
+    let kept = dir.join("kept.properties");
+    std::fs::write(
+        &stub,
+        format!("#!/bin/sh\ncp \"$4\" '{}'\n", kept.display()),
+    )
+    .unwrap();
+    assert_eq!(
+        script.matches("/tmp").count(),
+        script.matches("/tmp/client.properties").count(),
+        "the script writes nothing but its properties to /tmp"
+    );
+    let run = |script: &str| {
+        let script = script
+            .replace("/etc/triage/", &format!("{}/etc/triage/", root.display()))
+            .replace("/tmp/client.properties", &properties.display().to_string())
+            .replace(
+                "/opt/kafka/bin/kafka-topics.sh",
+                &format!("sh {}", stub.display()),
+            );
+        std::process::Command::new("sh")
+            .args(["-ec", &script])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("SASL_USERNAME", "triage")
+            .env("BOOTSTRAP", "kafka:9093")
+            .output()
+            .expect("sh runs")
+    };
+    let output = run(script);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let written = java_properties(&std::fs::read_to_string(&kept).unwrap());
+    assert_eq!(written["security.protocol"], "SASL_SSL");
+    assert_eq!(written["ssl.keystore.type"], "PEM");
+    assert_eq!(written["ssl.keystore.certificate.chain"], cert_pem);
+    assert_eq!(written["ssl.keystore.key"], key_pem.replace('\r', ""));
+    assert_eq!(written["ssl.truststore.type"], "PEM");
+    assert_eq!(
+        written["sasl.jaas.config"],
+        r#"org.apache.kafka.common.security.scram.ScramLoginModule required username="triage" password="p\"w\\d$x`y 'z";"#
+    );
+
+    // A PKCS#1 key, which Kafka's PEM key store cannot read, stops the Job with a reason.
+    write(
+        key,
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIEkey0\n-----END RSA PRIVATE KEY-----\n",
+    );
+    let output = run(script);
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("not an unencrypted PKCS#8 key"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+
+    // Without a client certificate the Job mounts none and sets no key store.
+    let sasl_only = render_ok(&["existing-secrets-values.yaml"], &[]);
+    let job = sasl_only.get("Job", "triage-topics").unwrap();
+    let text = job.to_string();
+    assert!(!text.contains("kafka-client") && !text.contains("ssl.keystore"));
+    assert!(text.contains("/etc/triage/secrets/kafka-sasl-password"));
+}
+
+/// `key=value` lines of a Java properties file as `java.util.Properties.load` reads them (the
+/// escapes the Job writes: `\n`, `\\`, and `\` before any other character).
+fn java_properties(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| {
+            let (key, raw) = line.split_once('=').expect("key=value");
+            let mut value = String::new();
+            let mut chars = raw.chars();
+            while let Some(c) = chars.next() {
+                if c != '\\' {
+                    value.push(c);
+                    continue;
+                }
+                match chars.next() {
+                    Some('n') => value.push('\n'),
+                    Some('r') => value.push('\r'),
+                    Some('t') => value.push('\t'),
+                    Some(other) => value.push(other),
+                    None => {}
+                }
+            }
+            (key.to_owned(), value)
+        })
+        .collect()
 }

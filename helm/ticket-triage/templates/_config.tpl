@@ -32,6 +32,7 @@ keys_file = "/etc/triage/secrets/api-keys"
 [redis]
 # url comes from TRIAGE_REDIS__URL (a Secret).
 key_prefix = {{ include "tt.str" $v.ticketPublisher.redisKeyPrefix }}
+{{- include "tt.tlsToml" (list "redis" $v.redis.tls "redis.tls") }}
 
 [dispatch]
 enabled = false
@@ -115,6 +116,7 @@ tokens_per_minute = {{ int (default 0 $t.tokensPerMinute) }}
 # redis_url comes from TRIAGE_CACHE__REDIS_URL (a Secret).
 key_prefix = {{ include "tt.str" $w.cacheKeyPrefix }}
 on_unavailable = {{ include "tt.str" $w.onRedisUnavailable }}
+{{- include "tt.tlsToml" (list "redis" .Values.redis.tls "cache.tls") }}
 {{- end -}}
 
 {{- define "tt.config.result-writer" -}}
@@ -127,8 +129,12 @@ group_id = {{ include "tt.str" $r.groupId }}
 
 [database]
 # url comes from TRIAGE_DATABASE__URL (a Secret).
+{{- if $r.database.passwordSecret }}
+password_file = "/etc/triage/secrets/database-password"
+{{- end }}
 schema = {{ include "tt.str" $r.database.schema }}
 pool_size = {{ int $r.database.poolSize }}
+{{- include "tt.tlsToml" (list "database" $r.database.tls "database.tls") }}
 
 [batch]
 max_rows = {{ int $r.batchMaxRows }}

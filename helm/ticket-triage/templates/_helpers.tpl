@@ -91,7 +91,7 @@ security_protocol = {{ include "tt.str" $v.kafka.securityProtocol }}
 {{- if hasPrefix "sasl" $v.kafka.securityProtocol }}
 sasl_mechanism = {{ include "tt.str" $v.kafka.sasl.mechanism }}
 sasl_username = {{ include "tt.str" $v.kafka.sasl.username }}
-# sasl_password comes from TRIAGE_KAFKA__SASL_PASSWORD (a Secret).
+sasl_password_file = "/etc/triage/secrets/kafka-sasl-password"
 {{- end }}
 {{- if and (hasSuffix "ssl" $v.kafka.securityProtocol) $v.kafka.tls.caSecret }}
 ssl_ca_location = "/etc/triage/kafka-ca/{{ $v.kafka.tls.caSecretKey }}"
@@ -139,17 +139,82 @@ retention = {{ include "tt.str" $v.topics.retention }}
 dead_letter_retention = {{ include "tt.str" $v.topics.deadLetterRetention }}
 {{- end -}}
 
-{{/* Environment every container gets: pod name (replica ids) and the Kafka SASL password. */}}
+{{/*
+Environment every container gets: the pod name (replica ids). The Kafka SASL password is a
+mounted file (kafka.sasl_password_file), not a variable: variables are inherited by child
+processes and land in `env` dumps and crash reports.
+*/}}
 {{- define "tt.sharedEnv" -}}
 - name: POD_NAME
   valueFrom:
     fieldRef: {fieldPath: metadata.name}
-{{- if hasPrefix "sasl" .Values.kafka.securityProtocol }}
-- name: TRIAGE_KAFKA__SASL_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ default (include "tt.secretName" .) .Values.kafka.sasl.existingSecret }}
-      key: {{ .Values.kafka.sasl.existingSecretKey }}
+{{- end -}}
+
+{{/* The projected-secret file of the Kafka SASL password, (list secretName key path), or "". */}}
+{{- define "tt.kafkaSaslFile" -}}
+{{- if hasPrefix "sasl" .Values.kafka.securityProtocol -}}
+{{- toJson (list (default (include "tt.secretName" .) .Values.kafka.sasl.existingSecret) .Values.kafka.sasl.existingSecretKey "kafka-sasl-password") -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+TLS towards PostgreSQL or Redis (a TlsConfig of the services): (list tls valuesPath). Fails
+the render for what the service would refuse at start: TLS enabled without a CA.
+*/}}
+{{- define "tt.checkTls" -}}
+{{- $tls := index . 0 -}}
+{{- if and $tls.enabled (not $tls.caSecret) -}}
+{{- fail (printf "%s.enabled needs %s.caSecret: with TLS on, the services trust only that CA" (index . 1) (index . 1)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The CA and client-certificate volumes of a dependency's TLS: (list name tls). */}}
+{{- define "tt.tlsVolumes" -}}
+{{- $name := index . 0 -}}
+{{- $tls := index . 1 -}}
+{{- if $tls.enabled }}
+- name: {{ $name }}-ca
+  secret:
+    secretName: {{ $tls.caSecret }}
+    defaultMode: 0440
+    items:
+      - {key: {{ $tls.caSecretKey }}, path: {{ $tls.caSecretKey }}}
+{{- if $tls.clientSecret }}
+- name: {{ $name }}-client
+  secret:
+    secretName: {{ $tls.clientSecret }}
+    defaultMode: 0440
+    items:
+      - {key: {{ $tls.clientCertKey }}, path: {{ $tls.clientCertKey }}}
+      - {key: {{ $tls.clientKeyKey }}, path: {{ $tls.clientKeyKey }}}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "tt.tlsMounts" -}}
+{{- $name := index . 0 -}}
+{{- $tls := index . 1 -}}
+{{- if $tls.enabled }}
+- {name: {{ $name }}-ca, mountPath: /etc/triage/{{ $name }}-ca, readOnly: true}
+{{- if $tls.clientSecret }}
+- {name: {{ $name }}-client, mountPath: /etc/triage/{{ $name }}-client, readOnly: true}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* A TlsConfig table of a service's config.toml: (list name tls tableName); empty when off. */}}
+{{- define "tt.tlsToml" -}}
+{{- $name := index . 0 -}}
+{{- $tls := index . 1 -}}
+{{- if $tls.enabled }}
+
+[{{ index . 2 }}]
+enabled = true
+ca_file = "/etc/triage/{{ $name }}-ca/{{ $tls.caSecretKey }}"
+{{- if $tls.clientSecret }}
+cert_file = "/etc/triage/{{ $name }}-client/{{ $tls.clientCertKey }}"
+key_file = "/etc/triage/{{ $name }}-client/{{ $tls.clientKeyKey }}"
+{{- end }}
 {{- end }}
 {{- end -}}
 
@@ -182,6 +247,7 @@ dead_letter_retention = {{ include "tt.str" $v.topics.deadLetterRetention }}
 - name: kafka-client
   secret:
     secretName: {{ $root.Values.kafka.tls.clientSecret }}
+    defaultMode: 0440
     items:
       - {key: {{ $root.Values.kafka.tls.clientCertKey }}, path: {{ $root.Values.kafka.tls.clientCertKey }}}
       - {key: {{ $root.Values.kafka.tls.clientKeyKey }}, path: {{ $root.Values.kafka.tls.clientKeyKey }}}
