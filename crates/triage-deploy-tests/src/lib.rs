@@ -39,6 +39,7 @@ pub const VALUE_SETS: &[&str] = &[
     "existing-secrets-values.yaml",
     "sasl-tls-values.yaml",
     "mtls-values.yaml",
+    "tls-values.yaml",
 ];
 
 /// The workspace root.
