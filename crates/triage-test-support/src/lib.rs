@@ -614,12 +614,31 @@ impl ServiceProcess {
     pub fn ensure_running(&self) -> Result<(), String> {
         match self.exit_status() {
             None => Ok(()),
-            Some(status) => Err(format!(
-                "{} exited with {status}:\n{}",
-                self.name,
-                self.log()
-            )),
+            Some(status) => Err(self.exit_report(status)),
         }
+    }
+
+    /// Why the service ended as it did, for a failed test: its plain lines and its last
+    /// warnings and errors first (a test runner may show only the start of a long failure
+    /// message, and a service that stops on an error says why in its last lines), then the
+    /// whole log.
+    pub fn exit_report(&self, status: ExitStatus) -> String {
+        let log = self.log();
+        let notable: Vec<&str> = log
+            .lines()
+            .filter(|line| {
+                !line.starts_with('{')
+                    || line.contains("\"level\":\"ERROR\"")
+                    || line.contains("\"level\":\"WARN\"")
+            })
+            .filter(|line| !line.contains("\"log.target\":\"librdkafka\""))
+            .collect();
+        let last_notable = &notable[notable.len().saturating_sub(12)..];
+        format!(
+            "{} exited with {status}; its last warnings and errors:\n{}\n--- whole log:\n{log}",
+            self.name,
+            last_notable.join("\n")
+        )
     }
 
     pub fn admin_url(&self, path: &str) -> String {

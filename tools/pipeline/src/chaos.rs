@@ -234,6 +234,11 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
             started.elapsed().as_secs_f64()
         );
         println!("chaos: {event}");
+        // A service that stopped is restarted by nothing here (Kubernetes would): say which
+        // fault it did not survive rather than finding out at the end.
+        pipeline
+            .ensure_running()
+            .with_context(|| format!("a service stopped by the time {event}"))?;
         events.push(event);
     }
     submitter.await?;
@@ -264,6 +269,9 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
             remaining.remove(&ticket_id);
         }
         remaining.retain(|ticket_id| !dead_letters.contains(ticket_id));
+        pipeline
+            .ensure_running()
+            .context("a service stopped while the accepted tickets were awaited")?;
         if !remaining.is_empty() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

@@ -581,11 +581,7 @@ impl Pipeline {
         for process in self.services() {
             let status = process.wait_exit(Duration::from_secs(40)).await;
             if !status.success() {
-                bail!(
-                    "{} exited with {status}:\n{}",
-                    process.name(),
-                    process.log()
-                );
+                bail!("{}", process.exit_report(status));
             }
         }
         if let Some(sim) = &self.sim {
