@@ -51,6 +51,9 @@ impl DemoOptions {
             };
         }
         pipeline.otlp_endpoint = std::env::var("TRIAGE_DEMO_OTLP_ENDPOINT").ok();
+        // The console links each trace id here, e.g. http://localhost:16686/trace/{trace_id}
+        // for a Jaeger beside the collector.
+        pipeline.trace_url = std::env::var("TRIAGE_DEMO_TRACE_URL").ok();
         DemoOptions {
             once,
             pipeline,
@@ -107,6 +110,12 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
         Some(endpoint) => println!("demo: traces exported to {endpoint}"),
         None => println!(
             "demo: traces: set TRIAGE_DEMO_OTLP_ENDPOINT to an OTLP/HTTP collector to export them"
+        ),
+    }
+    match &options.pipeline.trace_url {
+        Some(template) => println!("demo: the console links trace ids to {template}"),
+        None => println!(
+            "demo: set TRIAGE_DEMO_TRACE_URL (e.g. http://localhost:16686/trace/{{trace_id}}) to link trace ids in the console"
         ),
     }
     println!(
