@@ -165,6 +165,49 @@ impl TlsStack {
     }
 }
 
+/// One transactional id as its coordinator sees it, from Kafka's own `kafka-transactions`
+/// tool (librdkafka has no DescribeTransactions): e.g. `Ongoing`, `PrepareAbort`,
+/// `CompleteAbort`, `CompleteCommit`, `Empty`, with the producer epoch. `None` while the
+/// coordinator does not know the id or the tool cannot reach it.
+pub fn describe_transaction(transactional_id: &str) -> Option<(String, i32)> {
+    let libs = std::fs::read_dir(workspace_root().join(".local/kafka"))
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("libs-"))
+        })?;
+    let output = Command::new("java")
+        .arg("-cp")
+        .arg(format!("{}/*", libs.display()))
+        .args([
+            "org.apache.kafka.tools.TransactionsCommand",
+            "--bootstrap-server",
+            &Stack::get().kafka_bootstrap,
+            "describe",
+            "--transactional-id",
+            transactional_id,
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut lines = text.lines().filter(|line| !line.trim().is_empty());
+    let header: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let row: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let column = |name: &str| {
+        header
+            .iter()
+            .position(|heading| *heading == name)
+            .and_then(|index| row.get(index))
+    };
+    let state = column("TransactionState")?.to_string();
+    let epoch = column("ProducerEpoch")?.parse().ok()?;
+    Some((state, epoch))
+}
+
 /// The workspace's root folder (the one holding `Cargo.lock`).
 pub fn workspace_root() -> PathBuf {
     let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -631,7 +674,8 @@ impl ServiceProcess {
                     || line.contains("\"level\":\"ERROR\"")
                     || line.contains("\"level\":\"WARN\"")
             })
-            .filter(|line| !line.contains("\"log.target\":\"librdkafka\""))
+            // librdkafka's reconnect noise would push the service's own lines out.
+            .filter(|line| !line.contains("\"message\":\"librdkafka: "))
             .collect();
         let last_notable = &notable[notable.len().saturating_sub(12)..];
         format!(

@@ -339,7 +339,7 @@ impl Dispatcher {
                     .transactions
                     .get_or_create(&OutcomeLabels { outcome: "aborted" })
                     .inc();
-                if is_fenced(&error) {
+                if is_fenced(&error) && !self.timed_out(started) {
                     return Err(DispatchError::Fatal(error));
                 }
                 tracing::warn!(lane = self.lane, error = %error, records = batch.len(), "dispatch transaction failed; aborting and rewinding");
@@ -350,7 +350,7 @@ impl Dispatcher {
                     blocking(move || producer.abort_transaction(TXN_CALL_TIMEOUT)).await
                 };
                 if let Err(abort_error) = aborted {
-                    if is_fenced(&abort_error) {
+                    if is_fenced(&abort_error) && !self.timed_out(started) {
                         return Err(DispatchError::Abort(abort_error));
                     }
                     self.replace_producer(abort_error).await?;
@@ -358,6 +358,19 @@ impl Dispatcher {
                 self.rewind().await
             }
         }
+    }
+
+    /// Whether the transaction begun at `started` has been open longer than
+    /// `transaction.timeout`. The coordinator then aborts it on its own and bumps the producer's
+    /// epoch, so that a late write of the old transaction cannot land: the producer's next request
+    /// is refused exactly as if another replica had fenced it. Such a fence says nothing about
+    /// another replica (a broker kill or a coordinator move can hold one transaction that long),
+    /// so it is cured by a new producer, like any other broken transaction state. A real
+    /// successor fences a transaction younger than that; and if one came while this transaction
+    /// was also that old, the new producer takes the id back once, its next transaction is
+    /// young, and the next fence between the two ends one of them.
+    fn timed_out(&self, started: Instant) -> bool {
+        started.elapsed() >= self.config.dispatch.transaction_timeout
     }
 
     /// A producer that cannot abort (its transaction state is broken, typically after the
