@@ -30,17 +30,20 @@ pub mod podman;
 pub const KUBE_VERSION: &str = "1.33.0";
 
 /// Every value set under `helm/ticket-triage/ci/` (the ones deploy/helm-check.sh lints and
-/// templates).
-pub const VALUE_SETS: &[&str] = &[
-    "default-values.yaml",
-    "secrets-values.yaml",
-    "direct-values.yaml",
-    "keda-values.yaml",
-    "existing-secrets-values.yaml",
-    "sasl-tls-values.yaml",
-    "mtls-values.yaml",
-    "tls-values.yaml",
-];
+/// templates), read from the folder so that a new one is tested without being registered.
+pub fn value_sets() -> Vec<String> {
+    let mut sets: Vec<String> = std::fs::read_dir(chart_dir().join("ci"))
+        .expect("helm/ticket-triage/ci")
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with("-values.yaml"))
+        .collect();
+    sets.sort();
+    assert!(
+        !sets.is_empty(),
+        "no value sets under helm/ticket-triage/ci"
+    );
+    sets
+}
 
 /// The workspace root.
 pub fn repo_root() -> PathBuf {

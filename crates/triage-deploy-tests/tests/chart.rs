@@ -11,7 +11,7 @@ use std::{
 };
 
 use serde_json::Value;
-use triage_deploy_tests::{Rendered, VALUE_SETS, chart_dir, load_config, render};
+use triage_deploy_tests::{Rendered, load_config, render, value_sets};
 
 /// The consumer Deployments and the group each one must scale on (the services' default groups).
 const CONSUMERS: &[(&str, &str)] = &[
@@ -32,24 +32,6 @@ fn existing_secrets() -> BTreeMap<&'static str, &'static str> {
         ),
         ("triage-db/db-password", "db-file-password-6f5e4d"),
     ])
-}
-
-/// Every value set under `helm/ticket-triage/ci/` (what deploy/helm-check.sh checks), so that a
-/// new one is tested here without being registered; `VALUE_SETS` must not name a missing one.
-fn value_sets() -> Vec<String> {
-    let mut sets: Vec<String> = std::fs::read_dir(chart_dir().join("ci"))
-        .expect("helm/ticket-triage/ci")
-        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
-        .filter(|name| name.ends_with("-values.yaml"))
-        .collect();
-    sets.sort();
-    for listed in VALUE_SETS {
-        assert!(
-            sets.iter().any(|set| set == listed),
-            "VALUE_SETS names {listed}, which is not under helm/ticket-triage/ci"
-        );
-    }
-    sets
 }
 
 fn render_ok(values_files: &[&str], set: &[&str]) -> Rendered {

@@ -8,23 +8,8 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 use triage_deploy_tests::{
-    Rendered, chart_dir, compose_file as compose, dockerfile::Dockerfile, render,
+    Rendered, chart_dir, compose_file as compose, dockerfile::Dockerfile, render, value_sets,
 };
-
-/// Every value set under the chart's `ci/` folder.
-fn value_sets() -> Vec<String> {
-    let mut sets: Vec<String> = std::fs::read_dir(chart_dir().join("ci"))
-        .expect("helm/ticket-triage/ci")
-        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
-        .filter(|name| name.ends_with("-values.yaml"))
-        .collect();
-    sets.sort();
-    assert!(
-        !sets.is_empty(),
-        "no value sets under helm/ticket-triage/ci"
-    );
-    sets
-}
 
 fn render_ok(values_file: &str) -> Rendered {
     render(&[values_file], &[]).unwrap_or_else(|e| panic!("helm template {values_file}: {e}"))

@@ -6,7 +6,7 @@
 
 use regex::Regex;
 use serde_json::Value;
-use triage_deploy_tests::{VALUE_SETS, render};
+use triage_deploy_tests::{render, value_sets};
 
 /// `IsValidPortName` (IANA_SVC_NAME): at most 15 characters of [a-z0-9-], at least one letter,
 /// no hyphen at either end, no two hyphens in a row.
@@ -158,9 +158,9 @@ fn every_rendered_name_is_one_the_api_server_accepts() {
         // A release name longer than the chart keeps (tt.fullname truncates it).
         &["fullnameOverride=a-very-long-release-name-that-gets-truncated-somewhere"],
     ];
-    for values in VALUE_SETS {
+    for values in value_sets() {
         for set in extra {
-            let rendered = render(&[values], set)
+            let rendered = render(&[values.as_str()], set)
                 .unwrap_or_else(|e| panic!("helm template {values} {set:?}: {e}"));
             for object in &rendered.manifests {
                 found.extend(
