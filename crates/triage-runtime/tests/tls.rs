@@ -19,7 +19,7 @@ use triage_runtime::{
     kafka::admin::{TopicSpec, ensure_topics},
     tls::{TlsConfig, redis_client},
 };
-use triage_test_support::{TestContext, TlsStack};
+use triage_test_support::{TestContext, TlsStack, expect_exit_78_with_one_line, free_port};
 
 fn sasl_ssl(ca: &str) -> KafkaConfig {
     let stack = TlsStack::get();
@@ -216,4 +216,62 @@ fn tls_redis_plain_url_with_tls_enabled_is_refused() {
     let url = Secret::new("redis://127.0.0.1:1");
     let error = redis_client(&url, &redis_tls("ca.crt")).unwrap_err();
     assert!(error.to_string().contains("rediss://"), "{error}");
+}
+
+/// Both services that talk to Redis, given a CA that did not sign its certificate, stop at start
+/// with one line and exit code 78: the worker needs Redis before it takes a task, and the ingress,
+/// which serves without Redis while Redis is down, does not take a refused certificate for an
+/// outage.
+#[tokio::test]
+async fn tls_services_with_a_wrong_redis_ca_exit_78_with_one_clear_line() {
+    let stack = TlsStack::get();
+    let ctx = TestContext::new("tls_wrong_redis_ca");
+    let wrong_ca = stack.file("wrong-ca.crt").display().to_string();
+    let mut publisher = ctx.provisioning_service_env();
+    publisher.extend(
+        [
+            ("TRIAGE_REDIS__URL", stack.redis_url.clone()),
+            ("TRIAGE_REDIS__TLS__ENABLED", "true".into()),
+            ("TRIAGE_REDIS__TLS__CA_FILE", wrong_ca.clone()),
+            ("TRIAGE_REDIS__KEY_PREFIX", ctx.redis_prefix.clone()),
+            (
+                "TRIAGE_INGRESS__HTTP_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            ),
+            (
+                "TRIAGE_INGRESS__GRPC_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            ),
+            ("TRIAGE_DISPATCH__ENABLED", "false".into()),
+        ]
+        .map(|(key, value)| (key.to_owned(), value)),
+    );
+    let line =
+        expect_exit_78_with_one_line("ticket-publisher", &publisher, "ingress listening", &[])
+            .await;
+    assert!(
+        line.starts_with("ticket-publisher: redis refused the TLS handshake (redis.tls): ")
+            && line.contains("UnknownIssuer"),
+        "{line}"
+    );
+
+    let mut worker = ctx.service_env();
+    worker.extend(
+        [
+            ("TRIAGE_CACHE__REDIS_URL", stack.redis_url.clone()),
+            ("TRIAGE_CACHE__TLS__ENABLED", "true".into()),
+            ("TRIAGE_CACHE__TLS__CA_FILE", wrong_ca),
+            ("TRIAGE_CACHE__KEY_PREFIX", ctx.redis_prefix.clone()),
+            ("TRIAGE_CONSUMER__GROUP_ID", ctx.group("worker")),
+        ]
+        .map(|(key, value)| (key.to_owned(), value)),
+    );
+    let line =
+        expect_exit_78_with_one_line("inference-worker", &worker, "admin server listening", &[])
+            .await;
+    assert!(
+        line.starts_with("inference-worker: failed to connect to redis (cache.redis_url): ")
+            && line.contains("UnknownIssuer"),
+        "{line}"
+    );
 }

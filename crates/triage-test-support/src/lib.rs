@@ -165,6 +165,35 @@ impl TlsStack {
     }
 }
 
+/// Starts the service binary `service` with `env` and expects it to refuse to start: exit code 78
+/// (EX_CONFIG) and exactly one plain line, which is returned. Besides that line only JSON log
+/// lines are allowed (a health watcher may have logged a dependency as down once), none at ERROR,
+/// no panic, no line containing `no_retry` (the log of a retry loop, or of a start that got
+/// further than it should) and none of `secrets`.
+pub async fn expect_exit_78_with_one_line(
+    service: &str,
+    env: &[(String, String)],
+    no_retry: &str,
+    secrets: &[String],
+) -> String {
+    let process = ServiceProcess::spawn(&workspace_binary(service), &[], env);
+    let status = process.wait_exit(Duration::from_secs(30)).await;
+    let log = process.log();
+    assert_eq!(status.code(), Some(78), "{log}");
+    let plain_lines: Vec<&str> = log
+        .lines()
+        .filter(|line| !line.starts_with('{') && !line.trim().is_empty())
+        .collect();
+    assert_eq!(plain_lines.len(), 1, "{log}");
+    assert!(!log.contains("\"level\":\"ERROR\""), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(!log.contains(no_retry), "{log}");
+    for secret in secrets {
+        assert!(!log.contains(secret.trim()), "a secret in the log:\n{log}");
+    }
+    plain_lines[0].to_owned()
+}
+
 /// One transactional id as its coordinator sees it, from Kafka's own `kafka-transactions`
 /// tool (librdkafka has no DescribeTransactions): e.g. `Ongoing`, `PrepareAbort`,
 /// `CompleteAbort`, `CompleteCommit`, `Empty`, with the producer epoch. `None` while the

@@ -10,7 +10,7 @@ use result_writer::{
     db::{self, DbFailure},
 };
 use triage_runtime::{config::Secret, tls::TlsConfig};
-use triage_test_support::{ServiceProcess, TestContext, TlsStack, free_port, workspace_binary};
+use triage_test_support::{TestContext, TlsStack, expect_exit_78_with_one_line, free_port};
 
 fn database(ctx: &TestContext, ca: &str) -> DatabaseConfig {
     let stack = TlsStack::get();
@@ -147,9 +147,7 @@ async fn tls_result_writer_with_a_wrong_kafka_ca_or_password_exits_78_with_one_c
 }
 
 /// Starts result-writer against the TLS stack's PostgreSQL with `overrides` and returns the one
-/// plain line it printed before exiting 78. Besides that line only JSON log lines are allowed (the
-/// health watcher may have logged a dependency as down once), none at ERROR, no panic, no line
-/// containing `no_retry` (the log of a retry loop) and no password of the stack.
+/// plain line it printed before exiting 78 (see [`expect_exit_78_with_one_line`]).
 async fn exits_78_with_one_line(
     ctx: &TestContext,
     overrides: &[(&str, String)],
@@ -171,20 +169,6 @@ async fn exits_78_with_one_line(
             .iter()
             .map(|(key, value)| ((*key).to_owned(), value.clone())),
     );
-    let process = ServiceProcess::spawn(&workspace_binary("result-writer"), &[], &env);
-    let status = process.wait_exit(Duration::from_secs(30)).await;
-    let log = process.log();
-    assert_eq!(status.code(), Some(78), "{log}");
-    let plain_lines: Vec<&str> = log
-        .lines()
-        .filter(|line| !line.starts_with('{') && !line.trim().is_empty())
-        .collect();
-    assert_eq!(plain_lines.len(), 1, "{log}");
-    assert!(!log.contains("\"level\":\"ERROR\""), "{log}");
-    assert!(!log.contains("panicked"), "{log}");
-    assert!(!log.contains(no_retry), "{log}");
-    for secret in ["postgres-password", "kafka-password"] {
-        assert!(!log.contains(stack.password(secret).trim()), "{log}");
-    }
-    plain_lines[0].to_owned()
+    let secrets = ["postgres-password", "kafka-password"].map(|name| stack.password(name));
+    expect_exit_78_with_one_line("result-writer", &env, no_retry, &secrets).await
 }

@@ -112,6 +112,20 @@ impl IdempotencyStore {
         })
     }
 
+    /// Connects once at start, so that a certificate Redis refuses (or that refuses ours) stops
+    /// the service with exit code 78 instead of turning every idempotent request into a 503
+    /// until an operator notices. Any other failure (Redis down, or not answering within 5 s)
+    /// is left to the lazy connection: the ingress serves requests without an
+    /// `Idempotency-Key` meanwhile. A plain connection, not the reconnecting manager, whose
+    /// retries would outlast the wait and hide the handshake's error behind a timeout.
+    pub async fn check_certificate(&self) -> Result<(), redis::RedisError> {
+        let attempt = self.client.get_multiplexed_async_connection();
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Err(error)) if triage_runtime::tls::is_certificate_rejection(&error) => Err(error),
+            _ => Ok(()),
+        }
+    }
+
     async fn connection(&self) -> Result<ConnectionManager, StoreError> {
         let mut slot = self.connection.lock().await;
         if let Some(connection) = slot.as_ref() {

@@ -164,6 +164,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     if config.ingress.enabled {
         let ingress = build_ingress(&config, ingress_metrics)?;
         let store = IdempotencyStore::new(&config.redis, config.ingress.idempotency_ttl)?;
+        store
+            .check_certificate()
+            .await
+            .context("redis refused the TLS handshake (redis.tls)")?;
         checks.push(Box::new(RedisHealth(store)));
         let http_listener = bind(config.ingress.http_listen, "HTTP ingress").await?;
         let grpc_listener = bind(config.ingress.grpc_listen, "gRPC ingress").await?;
