@@ -67,9 +67,12 @@ pub async fn check_credentials(config: &KafkaConfig, service: &str) -> Result<()
         Ok(())
     })
     .await
-    .map_err(|error| KafkaError::Refused {
-        reason: format!("the credentials check did not finish: {error}"),
-    })?
+    .unwrap_or_else(|error| {
+        // Only a panic inside librdkafka's call could get here: no verdict on the credentials,
+        // so the service starts as it would have without the check.
+        tracing::warn!(error = %error, "the Kafka credentials check did not finish; starting anyway");
+        Ok(())
+    })
 }
 
 /// Keeps the first error librdkafka reports that only an operator can fix.
