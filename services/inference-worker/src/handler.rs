@@ -43,7 +43,7 @@ use crate::{
     circuit::{Admission, CircuitBreaker, CircuitState},
     config::{Config, RedisUnavailable},
     fairness::{Entry, Fairness, Standing},
-    llm::{ChatRequest, Completion, FailureAction, LlmClient},
+    llm::{ChatRequest, Completion, FailureAction, LlmClient, LlmError},
     metrics::{CallLabels, ClassLabels, ReasonLabels, TokenLabels, UsageLabels, WorkerMetrics},
     redis_store::{self, BudgetRequest, RedisStore, StoreError},
     triage::{self, Triage},
@@ -89,6 +89,8 @@ enum Outcome {
         completion: Completion,
         attempts: u32,
         llm_latency: Duration,
+        /// Waited for the shared budget and provider 429s, over all attempts.
+        rate_limit_wait: Duration,
     },
     Failed(Failure),
     /// Shutdown came first; the task is abandoned and will be consumed again.
@@ -208,13 +210,12 @@ impl WorkerHandler {
 
         // 1. The tenant's own quota, then a call slot by the tenants' shares (crate::fairness).
         let mut entry = self.fairness.enter(&task.tenant_id);
-        if self
+        let Ok(quota_wait) = self
             .wait_for_quota(&entry, &task.tenant_id, estimated_tokens)
             .await
-            .is_err()
-        {
+        else {
             return Disposition::Abandon;
-        }
+        };
         let mut shutdown = self.shutdown.clone();
         tokio::select! {
             () = entry.admit() => {}
@@ -231,13 +232,25 @@ impl WorkerHandler {
                 self.metrics.cache_hits.inc();
                 tracing::debug!(key = %key, "result cache hit");
                 return self
-                    .produce_result(&record, &task, *result, Provenance::Cache, &trace)
+                    .produce_result(
+                        &record,
+                        &task,
+                        *result,
+                        Provenance::Cache { quota_wait },
+                        &trace,
+                    )
                     .await;
             }
             ClaimOutcome::ResultAppeared(result) => {
                 self.metrics.duplicates_avoided.inc();
                 return self
-                    .produce_result(&record, &task, *result, Provenance::Cache, &trace)
+                    .produce_result(
+                        &record,
+                        &task,
+                        *result,
+                        Provenance::Cache { quota_wait },
+                        &trace,
+                    )
                     .await;
             }
             ClaimOutcome::Interrupted => return Disposition::Abandon,
@@ -258,8 +271,16 @@ impl WorkerHandler {
                 completion,
                 attempts,
                 llm_latency,
+                rate_limit_wait,
             } => {
-                let result = self.build_result(&task, triage, &completion, attempts, llm_latency);
+                let result = self.build_result(
+                    &task,
+                    triage,
+                    &completion,
+                    attempts,
+                    llm_latency,
+                    quota_wait + rate_limit_wait,
+                );
                 // 5. Cache (releasing the lease) before producing: a crash after this point
                 // costs nothing to redo.
                 if protected && self.store_result(&key, &result).await.is_err() {
@@ -441,6 +462,7 @@ impl WorkerHandler {
         let mut messages = task.messages.clone();
         let mut repaired = false;
         let mut attempts = 0u32;
+        let mut rate_limit_wait = Duration::ZERO;
         let mut first_failure: Option<(Instant, SystemTime)> = None;
         let mut backoff = backon::ExponentialBuilder::default()
             .with_min_delay(self.config.retry.initial_backoff)
@@ -466,7 +488,7 @@ impl WorkerHandler {
             }
             if protected && !std::mem::take(&mut prepaid) {
                 match self.take_budget(entry, model, estimated_tokens).await {
-                    Ok(()) => {}
+                    Ok(waited) => rate_limit_wait += waited,
                     Err(Interrupted) => {
                         self.circuit.release_probe();
                         return Outcome::Interrupted;
@@ -547,6 +569,7 @@ impl WorkerHandler {
                                 completion,
                                 attempts,
                                 llm_latency,
+                                rate_limit_wait,
                             };
                         }
                         Err(problem) if !repaired => {
@@ -574,6 +597,7 @@ impl WorkerHandler {
                 }
                 Err(error) => {
                     call_span.record("error.type", error.label());
+                    let provider_limited = matches!(error, LlmError::RateLimited { .. });
                     match error.action() {
                         FailureAction::DeadLetter(class) => {
                             // The provider answered: it is healthy, the request is the problem.
@@ -624,6 +648,11 @@ impl WorkerHandler {
                                 }
                                 None => backoff.next().unwrap_or(self.config.retry.max_backoff),
                             };
+                            // A 429 without a retry-after waits out a backoff: still the
+                            // provider's limit.
+                            if provider_limited {
+                                rate_limit_wait += delay;
+                            }
                             if !self.sleep(delay).await {
                                 return Outcome::Interrupted;
                             }
@@ -673,16 +702,17 @@ impl WorkerHandler {
 
     /// Waits until the tenant's own quota (if it has one) allows this call. One task per tenant
     /// asks Redis at a time; the others wait their turn in the process. Over quota is never a
-    /// failure: the task waits, however long.
+    /// failure: the task waits, however long. Returns how long it waited (see [`RateLimitWait`]).
     async fn wait_for_quota(
         &self,
         entry: &Entry<'_>,
         tenant: &str,
         tokens: u64,
-    ) -> Result<(), Interrupted> {
+    ) -> Result<Duration, Interrupted> {
         let Some((requests_per_minute, tokens_per_minute)) = self.fairness.quota(tenant) else {
-            return Ok(());
+            return Ok(Duration::ZERO);
         };
+        let mut waited = RateLimitWait::start();
         let request = BudgetRequest::per_minute(
             f64::from(requests_per_minute),
             f64::from(tokens_per_minute),
@@ -692,9 +722,16 @@ impl WorkerHandler {
         );
         let turn = entry.quota_turn();
         let mut shutdown = self.shutdown.clone();
-        let _turn = tokio::select! {
-            guard = turn.lock() => guard,
-            () = shutdown.wait() => return Err(Interrupted),
+        let _turn = match turn.try_lock() {
+            Ok(guard) => guard,
+            // Another task of the tenant is at its quota: queuing behind it is waiting for it.
+            Err(_) => {
+                waited.queued();
+                tokio::select! {
+                    guard = turn.lock() => guard,
+                    () = shutdown.wait() => return Err(Interrupted),
+                }
+            }
         };
         loop {
             let wait = match self
@@ -703,12 +740,13 @@ impl WorkerHandler {
             {
                 Some(Some(wait)) => wait,
                 // Taken, or Redis is down and the policy is to proceed.
-                Some(None) | None => return Ok(()),
+                Some(None) | None => return Ok(waited.total()),
             };
             self.metrics
                 .tenant_quota_waits
                 .get_or_create(entry.labels())
                 .inc();
+            waited.queued();
             if !self.sleep(wait).await {
                 return Err(Interrupted);
             }
@@ -723,12 +761,15 @@ impl WorkerHandler {
     /// A tenant below its share while another is over it (see [`crate::fairness`]) skips the
     /// queue: the queue holds the big tenant's calls, and the small one takes from the reserve
     /// they leave.
+    ///
+    /// Returns how long the task waited (see [`RateLimitWait`]).
     async fn take_budget(
         &self,
         entry: &Entry<'_>,
         model: &str,
         tokens: u64,
-    ) -> Result<(), Interrupted> {
+    ) -> Result<Duration, Interrupted> {
+        let mut waited = RateLimitWait::start();
         let mut turn = None;
         loop {
             let standing = entry.standing();
@@ -736,7 +777,13 @@ impl WorkerHandler {
                 && standing != Standing::Under
                 && self.budget_short.load(Ordering::Relaxed)
             {
-                turn = Some(self.budget_queue.lock().await);
+                turn = Some(match self.budget_queue.try_lock() {
+                    Ok(guard) => guard,
+                    Err(_) => {
+                        waited.queued();
+                        self.budget_queue.lock().await
+                    }
+                });
             }
             let request = self.budget_request(tokens, standing);
             let wait = match self
@@ -747,7 +794,7 @@ impl WorkerHandler {
                 // Taken, or Redis is down and the policy is to proceed.
                 Some(None) | None => {
                     self.budget_short.store(false, Ordering::Relaxed);
-                    return Ok(());
+                    return Ok(waited.total());
                 }
             };
             self.budget_short.store(true, Ordering::Relaxed);
@@ -762,6 +809,7 @@ impl WorkerHandler {
                 .rate_limit_wait_seconds
                 .get_or_create(&reason)
                 .inc_by(wait.as_secs_f64());
+            waited.queued();
             if !self.sleep(wait).await {
                 return Err(Interrupted);
             }
@@ -837,6 +885,7 @@ impl WorkerHandler {
         completion: &Completion,
         attempts: u32,
         llm_latency: Duration,
+        rate_limit_wait: Duration,
     ) -> InferenceResult {
         InferenceResult {
             ticket_id: task.ticket_id.clone(),
@@ -854,7 +903,7 @@ impl WorkerHandler {
                 total_tokens: completion.prompt_tokens + completion.completion_tokens,
             }),
             cost_usd: self.cost(self.client.model_for(&task.model), completion),
-            llm_latency_ms: llm_latency.as_millis() as u32,
+            llm_latency_ms: millis(llm_latency),
             attempts,
             idempotency_key: task.idempotency_key.clone(),
             from_cache: false,
@@ -868,6 +917,7 @@ impl WorkerHandler {
                 .unwrap_or_default(),
             subject: task.subject.clone(),
             excerpt: task.excerpt.clone(),
+            rate_limit_wait_ms: millis(rate_limit_wait),
         }
     }
 
@@ -890,12 +940,14 @@ impl WorkerHandler {
         provenance: Provenance,
         trace: &opentelemetry::Context,
     ) -> Disposition {
-        if provenance == Provenance::Cache {
+        if let Provenance::Cache { quota_wait } = provenance {
             result.from_cache = true;
             result.task_id = task.task_id.clone();
             // A result cached before the task carried them has none; this task's are current.
             result.subject = task.subject.clone();
             result.excerpt = task.excerpt.clone();
+            // The cached wait is the paying task's; this one made no call.
+            result.rate_limit_wait_ms = millis(quota_wait);
         }
         let sent = self
             .producer
@@ -1043,7 +1095,46 @@ const LONG_WAIT: Duration = Duration::from_secs(1);
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Provenance {
     Paid,
-    Cache,
+    /// Reused; `quota_wait` is what this task waited for its tenant's quota before finding it.
+    Cache {
+        quota_wait: Duration,
+    },
+}
+
+/// How long one wait for a rate limit (the tenant's quota, the shared budget) took. Only a task
+/// that really waited counts, from the moment it asked: queued behind another task of this
+/// process while the limit was reached, or told by Redis to come back later. A task that got its
+/// share at once waited 0, not the Redis round trip, so that "triages that waited" counts only
+/// those the limits held back.
+struct RateLimitWait {
+    started: Instant,
+    held_back: bool,
+}
+
+impl RateLimitWait {
+    fn start() -> Self {
+        RateLimitWait {
+            started: Instant::now(),
+            held_back: false,
+        }
+    }
+
+    fn queued(&mut self) {
+        self.held_back = true;
+    }
+
+    fn total(&self) -> Duration {
+        if self.held_back {
+            self.started.elapsed()
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+/// Milliseconds in a result's `uint32` field, saturating (49 days) rather than wrapping.
+fn millis(duration: Duration) -> u32 {
+    u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
 }
 
 /// Shutdown interrupted a wait.
@@ -1087,4 +1178,30 @@ fn estimate_tokens(messages: &[triage_proto::v1::ChatMessage]) -> u64 {
         .iter()
         .map(|m| m.content.chars().count() as u64 / 4 + 4)
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_wait_that_held_the_task_back_counts() {
+        let served_at_once = RateLimitWait::start();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            served_at_once.total(),
+            Duration::ZERO,
+            "a Redis round trip is no wait"
+        );
+        let mut held_back = RateLimitWait::start();
+        held_back.queued();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(held_back.total() >= Duration::from_millis(5));
+    }
+
+    #[test]
+    fn milliseconds_saturate_instead_of_wrapping() {
+        assert_eq!(millis(Duration::from_micros(1_999)), 1);
+        assert_eq!(millis(Duration::from_secs(60 * 24 * 3_600)), u32::MAX);
+    }
 }

@@ -59,6 +59,10 @@ async fn triages_every_task_once_and_answers_repeats_from_the_cache() {
             "the ticket's text travels with its result"
         );
         assert!(!result.subject.is_empty() && !result.excerpt.is_empty());
+        assert_eq!(
+            result.rate_limit_wait_ms, 0,
+            "budget to spare and no quota: nothing waited"
+        );
     }
     let billing = first.iter().find(|r| r.ticket_id.ends_with("-t0")).unwrap();
     assert_eq!(billing.category, "billing");
@@ -78,6 +82,10 @@ async fn triages_every_task_once_and_answers_repeats_from_the_cache() {
             (&r.subject, &r.excerpt) == (&task.subject, &task.excerpt)
         }),
         "a cached answer carries the task's ticket text"
+    );
+    assert!(
+        second.iter().all(|r| r.rate_limit_wait_ms == 0),
+        "a cached answer made no call and waited for nothing"
     );
     assert_eq!(sim.paid_total(), 40, "nothing paid twice");
     assert!(
@@ -240,6 +248,10 @@ async fn a_429_storm_and_a_provider_outage_produce_no_dead_letters() {
         60
     );
     assert!(sim.status_count("503") > 0, "the outage was seen");
+    assert!(
+        all.iter().any(|r| r.rate_limit_wait_ms > 0),
+        "the provider's 429s are counted as rate-limit waits"
+    );
     assert!(
         read_for(&dead_letters, Duration::from_millis(500))
             .await
@@ -575,6 +587,25 @@ async fn a_tenant_over_its_quota_waits_and_is_never_dead_lettered_while_others_f
         last_globex < last_acme,
         "globex has no quota and is not held behind acme's"
     );
+    // Each result says how long its task waited: acme's beyond its burst of two waited for the
+    // quota, up to the second and more the last one needed; globex's waited for nothing.
+    let waits = |tenant: &str| -> Vec<u32> {
+        arrived
+            .iter()
+            .filter(|r| r.tenant_id == tenant)
+            .map(|r| r.rate_limit_wait_ms)
+            .collect()
+    };
+    let acme_waits = waits("acme");
+    assert!(
+        acme_waits.iter().filter(|&&ms| ms > 0).count() >= 3,
+        "acme's tasks past its burst report their quota wait: {acme_waits:?}"
+    );
+    assert!(
+        acme_waits.iter().max().is_some_and(|&ms| ms >= 1_000),
+        "the last of acme's tasks waited about two seconds: {acme_waits:?}"
+    );
+    assert_eq!(waits("globex"), vec![0; 6], "globex never waited");
     assert_eq!(sim.paid_total(), 12);
     assert!(
         read_for(&dead_letters, Duration::from_millis(500))

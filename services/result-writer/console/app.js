@@ -1,6 +1,7 @@
 // The triage console. Plain JavaScript, no dependencies: the read API under /v1, the live
 // stream read with fetch (EventSource cannot send an Authorization header) and resumed with
-// Last-Event-ID, and the console's own /console/api for dead letters, lag and the key's tenant.
+// Last-Event-ID, and the console's own /console/api for dead letters, lag, throughput and
+// rate-limit waits, and the key's tenant.
 "use strict";
 
 const KEY_STORAGE = "triage-console-key";
@@ -302,6 +303,7 @@ function showTicket(t) {
   $("t-cost").textContent = "$" + t.cost_usd.toFixed(6);
   const latency = t.accepted_at ? (new Date(t.triaged_at) - new Date(t.accepted_at)) : null;
   $("t-latency").textContent = latency === null ? "unknown" : (latency / 1000).toFixed(2) + " s from acceptance to triage";
+  $("t-wait").textContent = describeWait(t.rate_limit_wait_ms);
   $("t-note").textContent = t.provider_note || "—";
   $("t-subject").textContent = t.subject || "(no subject recorded)";
   $("t-excerpt").textContent = t.excerpt || "(no description recorded)";
@@ -309,6 +311,15 @@ function showTicket(t) {
   $("c-category").value = t.category;
   $("c-priority").value = t.priority;
 }
+
+// How long the task waited for rate limits (the shared budget, the tenant's quota, provider 429s).
+function describeWait(ms) {
+  if (ms === undefined || ms === null) return "unknown";
+  if (ms === 0) return "none";
+  return duration(ms) + " waiting for rate limits (part of the latency)";
+}
+
+const duration = (ms) => ms < 1000 ? ms + " ms" : (ms / 1000).toFixed(ms < 10000 ? 2 : 1) + " s";
 
 // The trace id, linked to the configured trace UI when there is one.
 function showTrace(traceId) {
@@ -454,8 +465,11 @@ async function replay(id, button) {
 // ---------- health ----------
 
 async function loadHealth() {
+  // The lag is cheap and refreshed every 5 s; the throughput is a query over the tenant's rows of
+  // the window, so every 30 s is enough.
+  if (Date.now() - (state.throughputAt || 0) >= 30000) loadThroughput();
   const status = $("health-status");
-  if (!state.settings.health) { status.textContent = "The health page is not configured on this server."; return; }
+  if (!state.settings.health) { status.textContent = "Consumer lag is not configured on this server (console.lag_url)."; return; }
   try {
     const report = await api("/console/api/lag");
     const groups = Object.values(report.groups || {});
@@ -504,6 +518,60 @@ function drawChart() {
     label("triages/min now " + rates[rates.length - 1] + " (top " + Math.max(1, ...rates) + ")", 32, "#15803d"));
 }
 
+// The tenant's triages a minute and their rate-limit waits, from the result store.
+async function loadThroughput() {
+  const summary = $("throughput-summary");
+  const minutes = $("tp-window").value;
+  // A slow answer for an earlier window must not overwrite a newer one.
+  const load = (state.throughputLoad = (state.throughputLoad || 0) + 1);
+  state.throughputAt = Date.now();
+  try {
+    const report = await api("/console/api/throughput?" + new URLSearchParams({ minutes }));
+    if (load !== state.throughputLoad) return;
+    const window = $("tp-window").selectedOptions[0].textContent;
+    summary.textContent = report.triaged === 0
+      ? "No triage in the " + window + "."
+      : report.triaged + " triages in the " + window + " (" + (report.triaged / report.minutes).toFixed(1) + " a minute); "
+        + (report.waited === 0 ? "none waited for rate limits."
+          : report.waited + " waited for rate limits, " + duration(report.wait_ms_total) + " in all, p95 wait " + duration(report.wait_ms_p95) + ".");
+    const rows = report.buckets.filter((b) => b.triaged > 0).reverse();
+    $("throughput-table").tBodies[0].replaceChildren(...rows.map((b) => el("tr", {},
+      el("th", { scope: "row", text: minuteText(b.minute) }),
+      el("td", { text: String(b.triaged) }), el("td", { text: String(b.waited) }),
+      el("td", { text: duration(b.wait_ms_total) }), el("td", { text: duration(b.wait_ms_p95) }))));
+    drawThroughput(report.buckets);
+  } catch (error) { handleProblem(error, summary); }
+}
+
+function drawThroughput(buckets) {
+  const svg = $("throughput-chart");
+  const ns = "http://www.w3.org/2000/svg";
+  const width = 600, height = 120, pad = 6, top = 6;
+  const max = Math.max(1, ...buckets.map((b) => b.triaged));
+  const slot = (width - 2 * pad) / Math.max(1, buckets.length);
+  const bar = (index, value, colour) => {
+    const h = (value / max) * (height - top - pad);
+    const rect = document.createElementNS(ns, "rect");
+    rect.setAttribute("x", String(pad + index * slot + slot * 0.1));
+    rect.setAttribute("y", String(height - pad - h));
+    rect.setAttribute("width", String(Math.max(0.5, slot * 0.8)));
+    rect.setAttribute("height", String(h));
+    rect.setAttribute("fill", colour);
+    return rect;
+  };
+  svg.replaceChildren(
+    ...buckets.map((b, i) => bar(i, b.triaged, "#15803d")),
+    ...buckets.map((b, i) => bar(i, b.waited, "#b45309")));
+  // The scale in the caption, not in the SVG: the chart stretches to the page's width and would
+  // stretch its text with it.
+  const first = buckets[0], last = buckets[buckets.length - 1];
+  $("throughput-scale").textContent = first
+    ? "; the tallest bar is " + max + " triages, from " + minuteText(first.minute) + " to " + minuteText(last.minute)
+    : "";
+}
+
+const minuteText = (iso) => new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+
 // ---------- wiring ----------
 
 function init() {
@@ -535,6 +603,8 @@ function init() {
   $("accuracy-form").addEventListener("submit", (event) => { event.preventDefault(); loadAccuracy(); });
   $("a-version").addEventListener("change", loadAccuracy);
   $("dl-refresh").addEventListener("click", loadDeadLetters);
+  $("tp-window").addEventListener("change", loadThroughput);
+  $("throughput-form").addEventListener("submit", (event) => { event.preventDefault(); loadThroughput(); });
   window.addEventListener("hashchange", route);
   const saved = sessionStorage.getItem(KEY_STORAGE);
   if (saved) signIn(saved).catch(() => signOut("Your saved API key is no longer accepted. Sign in again."));

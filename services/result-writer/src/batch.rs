@@ -307,6 +307,7 @@ mod tests {
                 subject: None,
                 excerpt: None,
                 trace_id: None,
+                rate_limit_wait_ms: 0,
             },
             written_tx,
         }

@@ -6,23 +6,28 @@
 //! The page authenticates every call with the same API key as the read API (kept in the tab's
 //! session storage). The dead-letter page and the health page are forwarded to dlq-alerter's
 //! dead-letter API and lag-autoscaler's lag report, so that the browser needs one origin and
-//! one key; dlq-alerter checks the key (and the admin role for a replay) again itself.
+//! one key; dlq-alerter checks the key (and the admin role for a replay) again itself. The
+//! health page's throughput and rate-limit waits are the tenant's own rows of `triage_results`
+//! (see [`crate::throughput`]), answered here.
 
 use axum::{
     Json, Router,
     body::Body,
-    extract::{Path, Request, State},
+    extract::{Path, Query, Request, State, rejection::QueryRejection},
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Redirect, Response},
     routing::{get, post},
 };
-use serde::Serialize;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     api::{ApiError, Caller, HasKeys, PROBLEM_JSON, Problem, Tenant},
     auth::{ApiKeys, Role},
     config::ConsoleConfig,
+    db::Store,
+    throughput::{self, DEFAULT_MINUTES, MAX_MINUTES, Throughput, Window},
 };
 
 const INDEX_HTML: &str = include_str!("../console/index.html");
@@ -37,6 +42,7 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
 
 #[derive(Clone)]
 pub struct ConsoleState {
+    pub store: Store,
     pub keys: ApiKeys,
     pub config: ConsoleConfig,
     pub http: reqwest::Client,
@@ -75,6 +81,7 @@ pub fn router(state: ConsoleState) -> Router {
         .route("/console/api/dead-letters", get(dead_letters))
         .route("/console/api/dead-letters/{id}/replay", post(replay))
         .route("/console/api/lag", get(lag))
+        .route("/console/api/throughput", get(throughput))
         .layer(middleware::from_fn(security_headers))
         .with_state(state)
 }
@@ -255,7 +262,7 @@ async fn lag(State(state): State<ConsoleState>, tenant: Result<Tenant, ApiError>
     let Some(url) = &state.config.lag_url else {
         return upstream_problem(
             StatusCode::NOT_FOUND,
-            "the health page is not configured (console.lag_url)",
+            "consumer lag is not configured (console.lag_url)",
         );
     };
     // The lag report holds no tenant data and needs no key.
@@ -268,6 +275,41 @@ async fn lag(State(state): State<ConsoleState>, tenant: Result<Tenant, ApiError>
     .await
 }
 
+#[derive(Debug, Default, Deserialize)]
+struct ThroughputParams {
+    /// The window, in minutes up to and including the current one.
+    minutes: Option<String>,
+}
+
+/// The caller's tenant's triages per minute over the last `minutes` (1 to 1440, default 15), and
+/// how many waited for rate limits and how long.
+async fn throughput(
+    State(state): State<ConsoleState>,
+    Tenant(tenant): Tenant,
+    params: Result<Query<ThroughputParams>, QueryRejection>,
+) -> Result<Json<Throughput>, ApiError> {
+    let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let minutes = window_minutes(params.minutes.as_deref())?;
+    let window = Window::ending_at(Utc::now(), minutes);
+    let counts = state
+        .store
+        .throughput(&tenant, window.since, window.until)
+        .await?;
+    Ok(Json(throughput::assemble(window, &counts)))
+}
+
+fn window_minutes(text: Option<&str>) -> Result<u32, ApiError> {
+    let Some(text) = text else {
+        return Ok(DEFAULT_MINUTES);
+    };
+    match text.parse::<u32>() {
+        Ok(minutes) if (1..=MAX_MINUTES).contains(&minutes) => Ok(minutes),
+        _ => Err(ApiError::BadRequest(format!(
+            "minutes must be a whole number from 1 to {MAX_MINUTES}"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use axum::body::to_bytes;
@@ -276,7 +318,13 @@ mod tests {
     use super::*;
 
     fn console() -> Router {
+        // Never connected: these tests stop before any query.
+        let database = crate::config::DatabaseConfig {
+            url: triage_runtime::config::Secret::new("postgres://nobody@127.0.0.1:1/none"),
+            ..Default::default()
+        };
         router(ConsoleState {
+            store: Store::new(crate::db::connect(&database).unwrap()),
             keys: ApiKeys::from_plain_with_roles(&[("acme", "k-admin", Role::Admin)]),
             config: ConsoleConfig::default(),
             http: reqwest::Client::new(),
@@ -323,6 +371,30 @@ mod tests {
         let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
         let who: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(who, serde_json::json!({"tenant": "acme", "admin": true}));
+    }
+
+    #[tokio::test]
+    async fn a_throughput_window_out_of_range_is_a_problem() {
+        assert_eq!(
+            get("/console/api/throughput", None).await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+        for bad in ["0", "1441", "-3", "ten", "1.5"] {
+            let response = get(
+                &format!("/console/api/throughput?minutes={bad}"),
+                Some("k-admin"),
+            )
+            .await;
+            assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(response.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+            let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+            assert!(
+                String::from_utf8_lossy(&body).contains("1 to 1440"),
+                "{bad}"
+            );
+        }
+        assert_eq!(window_minutes(None).unwrap(), DEFAULT_MINUTES);
+        assert_eq!(window_minutes(Some("1440")).unwrap(), 1440);
     }
 
     #[tokio::test]

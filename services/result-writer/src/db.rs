@@ -18,6 +18,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::{
     config::{DatabaseConfig, is_plain_identifier},
+    throughput,
     triage::{NewTriage, Triage},
 };
 
@@ -42,6 +43,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         4,
         "ticket_text_and_trace",
         include_str!("../migrations/0004_ticket_text_and_trace.sql"),
+    ),
+    (
+        5,
+        "rate_limit_wait",
+        include_str!("../migrations/0005_rate_limit_wait.sql"),
     ),
 ];
 
@@ -231,12 +237,13 @@ const UPSERT: &str = "
 INSERT INTO triage_results (
     ticket_id, tenant_id, prompt_version, category, priority, suggested_reply, confidence, model,
     prompt_tokens, completion_tokens, cost_usd, ticket_created_at, accepted_at, triaged_at,
-    source_partition, source_offset, provider_note, subject, excerpt, trace_id, written_at)
+    source_partition, source_offset, provider_note, subject, excerpt, trace_id,
+    rate_limit_wait_ms, written_at)
 SELECT batch.*, now() FROM UNNEST(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::float8[],
     $8::text[], $9::int8[], $10::int8[], $11::float8[], $12::timestamptz[], $13::timestamptz[],
     $14::timestamptz[], $15::int4[], $16::int8[], $17::text[], $18::text[], $19::text[],
-    $20::text[]) AS batch
+    $20::text[], $21::int4[]) AS batch
 ON CONFLICT (tenant_id, ticket_id, prompt_version) DO UPDATE SET
     category = EXCLUDED.category,
     priority = EXCLUDED.priority,
@@ -255,6 +262,7 @@ ON CONFLICT (tenant_id, ticket_id, prompt_version) DO UPDATE SET
     subject = EXCLUDED.subject,
     excerpt = EXCLUDED.excerpt,
     trace_id = EXCLUDED.trace_id,
+    rate_limit_wait_ms = EXCLUDED.rate_limit_wait_ms,
     written_at = EXCLUDED.written_at
 WHERE EXCLUDED.triaged_at > triage_results.triaged_at
 RETURNING tenant_id, ticket_id, prompt_version, written_at";
@@ -262,7 +270,7 @@ RETURNING tenant_id, ticket_id, prompt_version, written_at";
 const COLUMNS: &str = "ticket_id, tenant_id, prompt_version, category, priority, suggested_reply, \
     confidence, model, prompt_tokens, completion_tokens, cost_usd, ticket_created_at, \
     accepted_at, triaged_at, source_partition, source_offset, provider_note, subject, excerpt, \
-    trace_id, written_at";
+    trace_id, rate_limit_wait_ms, written_at";
 
 /// Where `GET /v1/triage` continues: the last row of the previous page, in keyset order.
 #[derive(Clone, Debug, PartialEq)]
@@ -536,6 +544,48 @@ impl Store {
             .collect())
     }
 
+    /// The tenant's triages in `[since, until)` counted per minute of `triaged_at` and over the
+    /// whole span (the row whose minute is `None`), in one pass over the tenant's rows of the
+    /// span by `triage_results_by_tenant_time`. The p95 is `percentile_disc`: a wait that really
+    /// happened, never one interpolated between two.
+    pub async fn throughput(
+        &self,
+        tenant_id: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<throughput::Counts>, DbError> {
+        let client = self.pool.get().await?;
+        // date_bin from the epoch, unlike date_trunc, does not depend on the session's time zone.
+        let statement = client
+            .prepare_cached(
+                "SELECT date_bin('1 minute', triaged_at, TIMESTAMPTZ 'epoch') AS minute,
+                     count(*),
+                     count(*) FILTER (WHERE rate_limit_wait_ms > 0),
+                     coalesce(sum(rate_limit_wait_ms), 0)::int8,
+                     coalesce(percentile_disc(0.95) WITHIN GROUP (ORDER BY rate_limit_wait_ms), 0)::int8
+                 FROM triage_results
+                 WHERE tenant_id = $1 AND triaged_at >= $2 AND triaged_at < $3
+                 GROUP BY GROUPING SETS ((1), ())
+                 ORDER BY 1 NULLS LAST",
+            )
+            .await?;
+        let rows = client
+            .query(&statement, &[&tenant_id, &since, &until])
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                Some(throughput::Counts {
+                    minute: row.try_get(0).ok()?,
+                    triaged: row.try_get(1).ok()?,
+                    waited: row.try_get(2).ok()?,
+                    wait_ms_total: row.try_get(3).ok()?,
+                    wait_ms_p95: row.try_get(4).ok()?,
+                })
+            })
+            .collect())
+    }
+
     /// One round trip, for the dependency health check.
     pub async fn ping(&self, timeout: Duration) -> Result<(), DbError> {
         let client = self.pool.get().await?;
@@ -658,6 +708,7 @@ fn triage_from_row(row: &Row) -> Triage {
         subject: row.get("subject"),
         excerpt: row.get("excerpt"),
         trace_id: row.get("trace_id"),
+        rate_limit_wait_ms: row.get("rate_limit_wait_ms"),
         written_at: row.get("written_at"),
     }
 }
@@ -684,6 +735,7 @@ struct Columns<'a> {
     subject: Vec<Option<&'a str>>,
     excerpt: Vec<Option<&'a str>>,
     trace_id: Vec<Option<&'a str>>,
+    rate_limit_wait_ms: Vec<i32>,
 }
 
 impl<'a> Columns<'a> {
@@ -710,10 +762,11 @@ impl<'a> Columns<'a> {
             subject: rows.iter().map(|r| r.subject.as_deref()).collect(),
             excerpt: rows.iter().map(|r| r.excerpt.as_deref()).collect(),
             trace_id: rows.iter().map(|r| r.trace_id.as_deref()).collect(),
+            rate_limit_wait_ms: rows.iter().map(|r| r.rate_limit_wait_ms).collect(),
         }
     }
 
-    fn params(&self) -> [&(dyn ToSql + Sync); 20] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 21] {
         [
             &self.ticket_id,
             &self.tenant_id,
@@ -735,6 +788,7 @@ impl<'a> Columns<'a> {
             &self.subject,
             &self.excerpt,
             &self.trace_id,
+            &self.rate_limit_wait_ms,
         ]
     }
 }

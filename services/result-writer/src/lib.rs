@@ -8,7 +8,8 @@
 //! - [`db`]: the pool, the embedded migrations, the idempotent upsert and the read queries.
 //! - [`triage`]: a triage row and its conversion from `InferenceResult`.
 //! - [`api`]: the read API (`/v1/...`, live stream, OpenAPI); [`auth`]: API keys and tenants.
-//! - [`console`]: the triage console (`/console`), embedded HTML/CSS/JS on the read API's port.
+//! - [`console`]: the triage console (`/console`), embedded HTML/CSS/JS on the read API's port;
+//!   [`throughput`]: its health page's triages and rate-limit waits per minute.
 //! - [`webhook`]: signed outbound webhooks, off the database path.
 //! - [`metrics`]: the writer's metrics.
 //!
@@ -38,6 +39,7 @@ pub mod console;
 pub mod db;
 pub mod handler;
 pub mod metrics;
+pub mod throughput;
 pub mod triage;
 pub mod webhook;
 
@@ -126,6 +128,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             .build()
             .context("failed to build the console's HTTP client")?;
         api_router = api_router.merge(console::router(console::ConsoleState {
+            store: store.clone(),
             keys,
             config: config.console.clone(),
             http,

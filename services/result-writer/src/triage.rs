@@ -28,6 +28,7 @@ pub struct NewTriage {
     pub subject: Option<String>,
     pub excerpt: Option<String>,
     pub trace_id: Option<String>,
+    pub rate_limit_wait_ms: i32,
 }
 
 /// A stored triage, as the read API, the live stream and the webhooks show it.
@@ -61,6 +62,9 @@ pub struct Triage {
     /// The W3C trace id (32 hex digits) of the result record's trace context, for a link to the
     /// trace UI; absent when the record carried none.
     pub trace_id: Option<String>,
+    /// How long the task waited for rate limits (the shared budget, the tenant's quota, provider
+    /// 429s) before its answer, in milliseconds; 0 for rows written before it was recorded.
+    pub rate_limit_wait_ms: i32,
     /// When the row was (last) written.
     pub written_at: DateTime<Utc>,
 }
@@ -88,6 +92,7 @@ impl Triage {
             subject: new.subject,
             excerpt: new.excerpt,
             trace_id: new.trace_id,
+            rate_limit_wait_ms: new.rate_limit_wait_ms,
             written_at,
         }
     }
@@ -168,6 +173,8 @@ impl NewTriage {
             subject: display_text(result.subject),
             excerpt: display_text(result.excerpt),
             trace_id: source.trace_id,
+            // PostgreSQL's integer is signed: past 24 days (which no wait reaches) it saturates.
+            rate_limit_wait_ms: i32::try_from(result.rate_limit_wait_ms).unwrap_or(i32::MAX),
         })
     }
 
@@ -262,6 +269,34 @@ mod tests {
         assert_eq!(row.prompt_tokens, 120);
         assert_eq!(row.triaged_at.timestamp_subsec_nanos(), 123_456_000);
         assert_eq!((row.source_partition, row.source_offset), (2, 41));
+        assert_eq!(
+            row.rate_limit_wait_ms, 0,
+            "an older worker's result waited 0"
+        );
+        let waited = InferenceResult {
+            ticket_id: "t-2".into(),
+            tenant_id: "acme".into(),
+            rate_limit_wait_ms: 1_250,
+            ..Default::default()
+        };
+        assert_eq!(
+            NewTriage::from_result(waited, source())
+                .unwrap()
+                .rate_limit_wait_ms,
+            1_250
+        );
+        let absurd = InferenceResult {
+            ticket_id: "t-3".into(),
+            tenant_id: "acme".into(),
+            rate_limit_wait_ms: u32::MAX,
+            ..Default::default()
+        };
+        assert_eq!(
+            NewTriage::from_result(absurd, source())
+                .unwrap()
+                .rate_limit_wait_ms,
+            i32::MAX
+        );
     }
 
     #[test]

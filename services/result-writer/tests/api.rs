@@ -47,6 +47,7 @@ fn row(tenant: &str, ticket: &str, second: i64, category: &str) -> NewTriage {
         subject: None,
         excerpt: None,
         trace_id: None,
+        rate_limit_wait_ms: 0,
     }
 }
 
@@ -224,13 +225,16 @@ async fn the_tenant_key_migration_keeps_existing_rows() {
         ..Default::default()
     };
     let pool = db::connect(&config).unwrap();
-    // The three later migrations: the tenant in the key, feedback, ticket text and trace.
-    assert_eq!(db::migrate(&pool, &ctx.db_schema).await.unwrap(), 3);
+    // The four later migrations: the tenant in the key, feedback, ticket text and trace, and
+    // the rate-limit wait.
+    assert_eq!(db::migrate(&pool, &ctx.db_schema).await.unwrap(), 4);
     let rows = database.query("WHERE ticket_id = 'old-1'").await;
     assert_eq!(rows.len(), 1, "the existing row survives the migration");
     assert_eq!(rows[0].get::<_, String>("category"), "billing");
-    // The new conflict target: another tenant's ticket of the same id is a second row.
     let store = Store::new(pool);
+    let old = store.ticket("acme", "old-1", None).await.unwrap().unwrap();
+    assert_eq!(old.rate_limit_wait_ms, 0, "an existing row waited 0");
+    // The new conflict target: another tenant's ticket of the same id is a second row.
     let changed = store
         .upsert(&[row("globex", "old-1", 3_000, "outage")])
         .await
@@ -384,4 +388,141 @@ async fn the_stream_shows_a_tenant_its_own_new_triages_only() {
     assert!(text.contains("\"ticket_id\":\"g-new\""), "{text}");
     assert!(!text.contains("a-new"), "{text}");
     fixture.db.drop_schema().await;
+}
+
+/// The console's health page: each tenant's triages per minute, and how many waited for rate
+/// limits and how long, counted from its own rows only.
+#[tokio::test]
+async fn the_throughput_counts_a_tenants_own_triages_and_waits_per_minute() {
+    use chrono::{DurationRound, TimeDelta};
+    use result_writer::{
+        config::ConsoleConfig,
+        console::{self, ConsoleState},
+        throughput::Throughput,
+    };
+
+    let ctx = TestContext::new("rw-api-throughput");
+    let config = result_writer::config::DatabaseConfig {
+        url: Secret::new(Stack::get().database_url.clone()),
+        schema: ctx.db_schema.clone(),
+        ..Default::default()
+    };
+    let pool = db::connect(&config).unwrap();
+    db::migrate(&pool, &ctx.db_schema).await.unwrap();
+    let store = Store::new(pool);
+    let now = Utc::now();
+    let at = |tenant: &str, ticket: &str, ago: TimeDelta, wait_ms: i32| NewTriage {
+        triaged_at: now - ago,
+        rate_limit_wait_ms: wait_ms,
+        ..row(tenant, ticket, 0, "billing")
+    };
+    let rows = [
+        // acme: three a few seconds ago (two of which waited), two about three minutes ago.
+        at("acme", "a-now-0", TimeDelta::seconds(5), 0),
+        at("acme", "a-now-1", TimeDelta::seconds(5), 400),
+        at("acme", "a-now-2", TimeDelta::seconds(5), 1_200),
+        at("acme", "a-old-0", TimeDelta::seconds(185), 0),
+        at("acme", "a-old-1", TimeDelta::seconds(185), 0),
+        // Outside the default 15 minutes.
+        at("acme", "a-hour", TimeDelta::minutes(40), 5_000),
+        // globex: one, which waited long; acme must never count it.
+        at("globex", "g-now", TimeDelta::seconds(5), 9_000),
+    ];
+    assert_eq!(store.upsert(&rows).await.unwrap().len(), rows.len());
+    let app = console::router(ConsoleState {
+        store,
+        keys: ApiKeys::from_plain(&[("acme", ACME_KEY), ("globex", GLOBEX_KEY)]),
+        config: ConsoleConfig::default(),
+        http: reqwest::Client::new(),
+    });
+    let throughput = |key: &'static str, query: &'static str| {
+        let app = app.clone();
+        async move {
+            let (status, _, body) =
+                get(&app, &format!("/console/api/throughput{query}"), Some(key)).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            serde_json::from_str::<Throughput>(&body).unwrap()
+        }
+    };
+
+    let acme = throughput(ACME_KEY, "").await;
+    assert_eq!(acme.minutes, 15);
+    assert_eq!(acme.buckets.len(), 15);
+    assert_eq!(
+        (
+            acme.triaged,
+            acme.waited,
+            acme.wait_ms_total,
+            acme.wait_ms_p95
+        ),
+        (5, 2, 1_600, 1_200),
+        "acme's window: five triages, two waited 1.6 s between them"
+    );
+    let minute_of = |ago: TimeDelta| (now - ago).duration_trunc(TimeDelta::minutes(1)).unwrap();
+    let recent = acme
+        .buckets
+        .iter()
+        .find(|b| b.minute == minute_of(TimeDelta::seconds(5)))
+        .unwrap();
+    assert_eq!(
+        (
+            recent.triaged,
+            recent.waited,
+            recent.wait_ms_total,
+            recent.wait_ms_p95
+        ),
+        (3, 2, 1_600, 1_200)
+    );
+    let older = acme
+        .buckets
+        .iter()
+        .find(|b| b.minute == minute_of(TimeDelta::seconds(185)))
+        .unwrap();
+    assert_eq!(
+        (older.triaged, older.waited, older.wait_ms_total),
+        (2, 0, 0)
+    );
+    assert_eq!(
+        acme.buckets.iter().map(|b| b.triaged).sum::<i64>(),
+        5,
+        "the other minutes are zero"
+    );
+
+    let day = throughput(ACME_KEY, "?minutes=1440").await;
+    assert_eq!((day.buckets.len(), day.triaged), (1440, 6));
+    assert_eq!(day.wait_ms_total, 6_600);
+
+    let globex = throughput(GLOBEX_KEY, "?minutes=5").await;
+    assert_eq!(
+        (
+            globex.triaged,
+            globex.waited,
+            globex.wait_ms_total,
+            globex.wait_ms_p95
+        ),
+        (1, 1, 9_000, 9_000),
+        "globex sees its own triage and none of acme's"
+    );
+
+    let (status, content_type, body) =
+        get(&app, "/console/api/throughput?minutes=0", Some(ACME_KEY)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(content_type, "application/problem+json");
+    let (status, _, _) = get(&app, "/console/api/throughput", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // The read API returns each triage's wait.
+    let api_app = api::router(ApiState {
+        store: Store::new(db::connect(&config).unwrap()),
+        keys: ApiKeys::from_plain(&[("acme", ACME_KEY), ("globex", GLOBEX_KEY)]),
+        published_tx: broadcast::channel(1).0,
+        max_page_size: 10,
+        metrics: WriterMetrics::register(&mut prometheus_client::registry::Registry::default()),
+        shutdown: Shutdown::never(),
+    });
+    let (status, _, body) = get(&api_app, "/v1/tickets/a-now-2/triage", Some(ACME_KEY)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let triage: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(triage["rate_limit_wait_ms"], 1_200);
+    Db::connect(&ctx.db_schema).await.drop_schema().await;
 }

@@ -36,9 +36,9 @@ async fn three_replicas_starting_at_once_migrate_the_schema_exactly_once() {
     applied.sort();
     assert_eq!(
         applied,
-        [0, 0, 4],
-        "one replica applied all four migrations (the table, the tenant in its key, feedback, \
-         ticket text and trace), the others waited"
+        [0, 0, 5],
+        "one replica applied all five migrations (the table, the tenant in its key, feedback, \
+         ticket text and trace, rate-limit wait), the others waited"
     );
 
     let pool = db::connect(&config).unwrap();

@@ -498,6 +498,16 @@ async fn the_console_shows_corrects_replays_and_isolates_tenants() {
         text(&client, "t-excerpt").await,
         "I cannot log in, the password reset link does not work"
     );
+    // Beside the latency, how long the task waited for rate limits, as the read API says.
+    let waited_ms = login_triage["rate_limit_wait_ms"]
+        .as_u64()
+        .expect("the read API has the triage's rate-limit wait");
+    let wait_text = text(&client, "t-wait").await;
+    if waited_ms == 0 {
+        assert_eq!(wait_text, "none");
+    } else {
+        assert!(wait_text.contains("waiting for rate limits"), "{wait_text}");
+    }
     let trace_id = login_triage["trace_id"]
         .as_str()
         .expect("the read API has the result's trace id")
@@ -767,7 +777,58 @@ async fn the_console_shows_corrects_replays_and_isolates_tenants() {
         "the lag table",
     )
     .await;
+    // Throughput and rate-limit waits of the last 15 minutes: demo's triages so far, counted by
+    // the result store, and none of them for globex (which has none yet).
+    wait_js(
+        &client,
+        "document.querySelectorAll('#throughput-table tbody tr').length >= 1 \
+         && /^[0-9]+ triages in the last 15 minutes/.test(\
+              document.getElementById('throughput-summary').textContent)",
+        Duration::from_secs(20),
+        "the throughput and rate-limit waits",
+    )
+    .await;
+    let (status, throughput) = read_api(&pipeline, &admin_key, "/console/api/throughput").await;
+    assert_eq!(status, 200, "{throughput}");
+    let triaged = throughput["triaged"].as_i64().unwrap();
+    assert!(triaged >= 4, "demo's triages of this run: {throughput}");
+    let summary = text(&client, "throughput-summary").await;
+    let shown: i64 = summary
+        .split(' ')
+        .next()
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("the summary starts with the count: {summary}"));
+    assert!(
+        (4..=triaged).contains(&shown),
+        "{summary} against {throughput}"
+    );
+    assert!(
+        summary.contains("waited for rate limits"),
+        "the summary says how many waited: {summary}"
+    );
+    let bars = client
+        .execute(
+            "return document.querySelectorAll('#throughput-chart rect').length;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        bars,
+        json!(30),
+        "a triage bar and a waited bar for each of 15 minutes"
+    );
+    let (status, globex) = read_api(&pipeline, GLOBEX_KEY, "/console/api/throughput").await;
+    assert_eq!((status, &globex["triaged"]), (200, &json!(0)), "{globex}");
     screenshot(&client, "health").await;
+    client
+        .execute(
+            "document.getElementById('throughput').scrollIntoView(); return true;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    screenshot(&client, "health-throughput").await;
     assert_no_console_errors(&client, &driver, "the health page").await;
 
     // Tenant isolation: globex sees its own ticket and never demo's.
