@@ -517,18 +517,17 @@ impl Store {
         since: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<Vec<AgreementCell>, DbError> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
+        let rows = self
+            .tenant_span(
                 "SELECT prompt_version, predicted_category, category, count(*),
                      count(*) FILTER (WHERE predicted_priority = priority)
                  FROM triage_feedback
                  WHERE tenant_id = $1 AND corrected_at >= $2 AND corrected_at < $3
                  GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                tenant_id,
+                since,
+                until,
             )
-            .await?;
-        let rows = client
-            .query(&statement, &[&tenant_id, &since, &until])
             .await?;
         Ok(rows
             .iter()
@@ -554,10 +553,9 @@ impl Store {
         since: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<Vec<throughput::Counts>, DbError> {
-        let client = self.pool.get().await?;
         // date_bin from the epoch, unlike date_trunc, does not depend on the session's time zone.
-        let statement = client
-            .prepare_cached(
+        let rows = self
+            .tenant_span(
                 "SELECT date_bin('1 minute', triaged_at, TIMESTAMPTZ 'epoch') AS minute,
                      count(*),
                      count(*) FILTER (WHERE rate_limit_wait_ms > 0),
@@ -567,10 +565,10 @@ impl Store {
                  WHERE tenant_id = $1 AND triaged_at >= $2 AND triaged_at < $3
                  GROUP BY GROUPING SETS ((1), ())
                  ORDER BY 1 NULLS LAST",
+                tenant_id,
+                since,
+                until,
             )
-            .await?;
-        let rows = client
-            .query(&statement, &[&tenant_id, &since, &until])
             .await?;
         Ok(rows
             .iter()
@@ -584,6 +582,22 @@ impl Store {
                 })
             })
             .collect())
+    }
+
+    /// The rows of `sql`, a statement over one tenant's rows in `[since, until)` with exactly
+    /// those three parameters, in that order.
+    async fn tenant_span(
+        &self,
+        sql: &str,
+        tenant_id: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<Row>, DbError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client
+            .query(&statement, &[&tenant_id, &since, &until])
+            .await?)
     }
 
     /// One round trip, for the dependency health check.
