@@ -60,15 +60,11 @@ pub trait DependencyCheck: Send + Sync + 'static {
     fn check(&self) -> CheckFuture<'_>;
 }
 
-/// The brokers answer when a metadata request for one topic comes back. One small topic, not the
-/// whole cluster's metadata: on a cluster with thousands of partitions that request is heavy,
-/// and every replica of every service would send it on each check. `__consumer_offsets` exists on
-/// every cluster that has seen a consumer group; an unknown topic still returns the brokers.
+/// The brokers answer when a metadata request for one small topic comes back
+/// ([`kafka::probe_brokers`]).
 pub struct KafkaHealth {
     client: Arc<BaseConsumer>,
 }
-
-const KAFKA_PROBE_TOPIC: &str = "__consumer_offsets";
 
 impl KafkaHealth {
     pub fn new(client: BaseConsumer) -> Self {
@@ -86,13 +82,11 @@ impl DependencyCheck for KafkaHealth {
     fn check(&self) -> CheckFuture<'_> {
         let client = Arc::clone(&self.client);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                kafka::probe_brokers(&client, Some(KAFKA_PROBE_TOPIC), CHECK_TIMEOUT)
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+            tokio::task::spawn_blocking(move || kafka::probe_brokers(&client, CHECK_TIMEOUT))
+                .await
+                .map_err(|e| e.to_string())?
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         })
     }
 }

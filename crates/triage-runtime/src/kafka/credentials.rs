@@ -19,7 +19,7 @@ use std::{
 use rdkafka::{
     ClientContext,
     config::RDKafkaLogLevel,
-    consumer::{BaseConsumer, Consumer, ConsumerContext},
+    consumer::{BaseConsumer, ConsumerContext},
     error::KafkaError as RdKafkaError,
     types::RDKafkaErrorCode,
 };
@@ -50,7 +50,7 @@ pub async fn check_credentials(config: &KafkaConfig, service: &str) -> Result<()
     tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + CHECK_WINDOW;
         while Instant::now() < deadline {
-            let answered = client.fetch_metadata(None, ATTEMPT_TIMEOUT).is_ok();
+            let answered = super::probe_brokers(&client, ATTEMPT_TIMEOUT).is_ok();
             // Errors reach the context from poll, after the request has failed.
             let _ = client.poll(Duration::ZERO);
             if let Some(reason) = refusals.first() {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use rdkafka::{
     ClientConfig,
-    consumer::{BaseConsumer, Consumer},
+    consumer::{BaseConsumer, Consumer, ConsumerContext},
 };
 
 use crate::config::KafkaConfig;
@@ -145,15 +145,21 @@ impl KafkaConfig {
     }
 }
 
-/// Asks the cluster for metadata, of `topic` only when given (the whole cluster's otherwise):
-/// proof that the brokers answer. Blocking; call it from `spawn_blocking`.
-pub fn probe_brokers(
-    client: &BaseConsumer,
-    topic: Option<&str>,
+/// The topic [`probe_brokers`] asks about. One small topic, not the whole cluster's metadata: on
+/// a cluster with thousands of partitions that request is heavy, and every replica of every
+/// service sends it (on each health check, and once at start). `__consumer_offsets` exists on
+/// every cluster that has seen a consumer group; an unknown topic still returns the brokers.
+pub const PROBE_TOPIC: &str = "__consumer_offsets";
+
+/// Asks the cluster for the metadata of [`PROBE_TOPIC`]: proof that the brokers answer, and
+/// that they accept this client's TLS and SASL settings. Blocking; call it from
+/// `spawn_blocking`.
+pub fn probe_brokers<C: ConsumerContext>(
+    client: &BaseConsumer<C>,
     timeout: Duration,
 ) -> Result<usize, KafkaError> {
     client
-        .fetch_metadata(topic, timeout)
+        .fetch_metadata(Some(PROBE_TOPIC), timeout)
         .map(|metadata| metadata.brokers().len())
         .map_err(|source| KafkaError::Unreachable { timeout, source })
 }
